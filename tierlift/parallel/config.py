@@ -1,0 +1,100 @@
+"""Config of the chunked ZeRO engine, its mixed precision and its shard optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tierlift._configbase import check, check_choice
+
+__all__ = ["ZeroConfig", "PrecisionConfig", "OptimizerConfig"]
+
+DType = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ZeroConfig:
+    """How parameters, gradients and optimizer state are sharded.
+
+    stage: 1 shards optimizer state; 2 also gradients; 3 also parameters.
+    prefetch_units: how many wrap units ahead (forward) / behind (backward) the
+        stage-3 all-gather is issued.
+    persistence_threshold: chunks with fewer elements stay gathered for the
+        whole step (DeepSpeed's stage3_param_persistence_threshold).
+    chunk_align_bytes: every rank's shard is a multiple of this many bytes (O_DIRECT).
+    wrap: module class names that become wrap units; empty = the model's
+        ``_no_split_modules`` (Hugging Face) or its ``wrap_modules`` attribute.
+    max_live_params: upper bound of gathered elements at once (0 = no bound);
+        limits prefetch depth (DeepSpeed's stage3_max_live_parameters).
+    debug_sync: check that gathered parameters agree across ranks and checksum shards.
+    """
+
+    stage: int = 3
+    prefetch_units: int = 2
+    persistence_threshold: int = 0
+    chunk_align_bytes: int = 4096
+    wrap: list[str] = field(default_factory=list)
+    max_live_params: int = 0
+    debug_sync: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("zero.stage", self.stage, [1, 2, 3])
+        check(self.prefetch_units >= 0, "zero.prefetch_units", self.prefetch_units,
+              "must be >= 0.", "use 0 to disable prefetch or a small number such as 2.")
+        check(self.persistence_threshold >= 0, "zero.persistence_threshold", self.persistence_threshold,
+              "must be >= 0.", "use 0 to shard every chunk.")
+        a = self.chunk_align_bytes
+        check(a >= 2 and a & (a - 1) == 0, "zero.chunk_align_bytes", a,
+              "must be a power of two >= 2.", "use 4096 (O_DIRECT) or 512.")
+        check(self.max_live_params >= 0, "zero.max_live_params", self.max_live_params,
+              "must be >= 0.", "use 0 for no bound.")
+
+
+@dataclass
+class PrecisionConfig:
+    """compute: dtype of gathered parameters and activations; master weights and
+    optimizer state are always fp32.  reduce: dtype gradients are reduced in.
+    fp16 uses dynamic loss scaling (initial_scale = 2**initial_scale_power)."""
+
+    compute: DType = "fp32"
+    reduce: DType = "fp32"
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
+    hysteresis: int = 2
+
+    def __post_init__(self) -> None:
+        check_choice("precision.compute", self.compute, ["fp32", "bf16", "fp16"])
+        check_choice("precision.reduce", self.reduce, ["fp32", "bf16", "fp16"])
+        check(0 <= self.initial_scale_power <= 32, "precision.initial_scale_power",
+              self.initial_scale_power, "must be in [0, 32].", "use 16.")
+        check(self.loss_scale_window >= 1, "precision.loss_scale_window", self.loss_scale_window,
+              "must be >= 1.", "use 1000.")
+        check(self.min_loss_scale > 0, "precision.min_loss_scale", self.min_loss_scale,
+              "must be > 0.", "use 1.0.")
+        check(self.hysteresis >= 1, "precision.hysteresis", self.hysteresis, "must be >= 1.", "use 2.")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer applied to the fp32 shards.  Weight decay skips 1-D parameters
+    (biases, norm weights).  grad_clip: max global L2 norm, 0 = off."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.name", self.name, ["adamw", "sgd"])
+        check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0.", "use e.g. 3e-4.")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
+              self.betas, "must be two numbers in [0, 1).", "use [0.9, 0.95].")
+        check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0.", "use 1e-8.")
+        check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0.", "use 0.1.")
+        check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1).", "use 0.9.")
+        check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "must be >= 0.",
+              "use 0 to disable clipping or a positive max norm such as 1.0.")
