@@ -1,0 +1,444 @@
+"""The chunked ZeRO engine, stages 1–3.
+
+Every wrap unit's parameters live in one flat chunk (see ``layout.py``).  Each rank
+owns a shard of every chunk: the fp32 master, its gradient and the optimizer state.
+Parameters of the model are views into a per-chunk *gathered* buffer in the compute
+dtype, bound once at setup (``param.data = view``).  Stage 3 frees that buffer's
+storage after a unit's forward (``untyped_storage().resize_(0)``) and refills it
+with an all-gather before the unit runs again; because the storage object is kept,
+every view autograd saved stays valid, so arbitrary models work unchanged.
+
+Sync points (GPU): all-gathers and reduce-scatters are issued async from the
+default stream, so NCCL's stream waits only for work enqueued before the issue
+(prefetches issued before a unit's compute overlap it); ``work.wait()`` makes the
+default stream wait, never the host.  On CPU (gloo) the same code runs with
+gloo's background threads.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from tierlift.parallel.comm import all_gather_flat, reduce_scatter_flat
+from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
+from tierlift.parallel.layout import ChunkLayout, plan_chunks
+from tierlift.parallel.optim import LossScaler, ShardOptimizer, global_grad_norm
+from tierlift.parallel.units import UnitModule, apply_activation_checkpointing, default_wrap_classes, find_units
+
+__all__ = ["ZeroEngine", "Residency", "StepStats"]
+
+log = logging.getLogger("tierlift.zero")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Residency(enum.Enum):
+    """Where a chunk's gathered (compute-dtype) parameters are."""
+
+    SHARDED = "sharded"      # storage freed; only shards exist
+    GATHERING = "gathering"  # all-gather in flight into the storage
+    GATHERED = "gathered"    # storage holds the full parameters
+
+
+_ALLOWED = {
+    Residency.SHARDED: {Residency.GATHERING},
+    Residency.GATHERING: {Residency.GATHERED},
+    Residency.GATHERED: {Residency.SHARDED},
+}
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+class _RuntimeChunk:
+    """One chunk on this rank: shards, gathered buffer, residency, pending work."""
+
+    def __init__(self, spec, unit: UnitModule, rank: int, device: torch.device, compute_dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.unit = unit
+        by_name = dict(unit.params)
+        self.params = [by_name[s.name] for s in spec.params]
+        lo, hi = spec.shard_range(rank)
+        with torch.no_grad():
+            flat = torch.zeros(spec.padded_numel, dtype=torch.float32)
+            for slot, p in zip(spec.params, self.params):
+                flat[slot.offset:slot.end].copy_(p.detach().reshape(-1).to(torch.float32))
+            self.master = flat[lo:hi].to(device).clone()
+            self.grad = torch.zeros_like(self.master)
+            self.full = flat.to(device=device, dtype=compute_dtype)
+            del flat
+        self.compute_shard = self.master if compute_dtype == torch.float32 else self.master.to(compute_dtype)
+        self.state = Residency.GATHERED
+        self.work = None
+        self.bytes = self.full.numel() * self.full.element_size()
+        for slot, p in zip(spec.params, self.params):
+            p.data = self.full[slot.offset:slot.end].view(slot.shape)
+
+    def transition(self, new: Residency) -> None:
+        assert new in _ALLOWED[self.state], f"chunk {self.spec.index} ({self.spec.unit!r}): {self.state} -> {new}"
+        self.state = new
+
+
+class StepStats(dict):
+    """grad_norm (pre-clip), skipped (fp16 overflow), loss_scale."""
+
+
+class _Group:
+    """A top-level wrap unit and the chunks it carries (its own and its nested
+    units', e.g. MoE experts).  Collectives are issued per group, in the same order
+    on every rank, whatever data-dependent path runs inside the unit."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, chunks: list[_RuntimeChunk]) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.chunks = chunks
+        self.reduced = False
+        self.persistent = all(c.spec.persistent for c in chunks)
+
+    @property
+    def numel(self) -> int:
+        return sum(c.spec.padded_numel for c in self.chunks)
+
+
+class _PostBackward(torch.autograd.Function):
+    """Identity on a unit's inputs whose backward runs once the unit's whole
+    backward is done (AccumulateGrad nodes run first, so its grads are final)."""
+
+    @staticmethod
+    def forward(ctx, engine, group, *inputs):
+        ctx.engine, ctx.group = engine, group
+        return inputs if len(inputs) > 1 else inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.engine._post_backward(ctx.group)
+        return (None, None) + grads
+
+
+class ZeroEngine:
+    """Shards ``model`` (already built identically on every rank) over the default group."""
+
+    def __init__(self, model: nn.Module, zero: ZeroConfig, precision: PrecisionConfig, optim: OptimizerConfig,
+                 device: torch.device, activation_checkpointing: bool = False) -> None:
+        self.model = model
+        self.cfg = zero
+        self.precision = precision
+        self.optim_cfg = optim
+        self.device = device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.compute_dtype = _DTYPES[precision.compute]
+        self.reduce_dtype = _DTYPES[precision.reduce]
+        wrap = list(zero.wrap) or default_wrap_classes(model)
+        self.units = find_units(model, wrap)
+        self.layout: ChunkLayout = plan_chunks([u.spec() for u in self.units], self.world_size,
+                                               zero.chunk_align_bytes, zero.persistence_threshold)
+        unit_by_name = {u.name: u for u in self.units}
+        self._move_buffers(model, device)
+        self.chunks = [_RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype)
+                       for c in self.layout]
+        self.root = next((c for c in self.chunks if c.spec.unit == ""), None)
+        self.groups = self._make_groups()
+        self.optimizer = ShardOptimizer(optim, [c.master for c in self.chunks], [c.grad for c in self.chunks],
+                                        [c.spec.segments(self.rank) for c in self.chunks])
+        self.scaler = LossScaler(precision, enabled=precision.compute == "fp16")
+        self.phase = Phase.IDLE
+        self._fwd_order: list[int] = []  # group order recorded on the previous micro-batch
+        self._cur_order: list[int] = []
+        self._bwd_order: list[int] = []
+        self._pending: list[tuple[_RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
+        self.order_changes = 0
+        if activation_checkpointing:
+            apply_activation_checkpointing(self.units)
+        self._hooks = []
+        for g in self.groups:
+            self._hooks.append(g.module.register_forward_pre_hook(
+                lambda m, a, k, g=g: self._pre_forward(g, a, k), with_kwargs=True))
+            self._hooks.append(g.module.register_forward_hook(lambda m, a, o, g=g: self._post_forward(g, o)))
+        if zero.stage == 3:
+            for g in self.groups:
+                if not g.persistent:
+                    self._reshard(g)
+        log.info("rank %d: %d chunks in %d groups, %.1f M params, %.1f M shard elems/rank, stage %d",
+                 self.rank, len(self.chunks), len(self.groups), self.layout.total_numel / 1e6,
+                 self.layout.shard_numel() / 1e6, zero.stage)
+
+    # -- setup ---------------------------------------------------------------
+    @staticmethod
+    def _move_buffers(model: nn.Module, device: torch.device) -> None:
+        for mod in model.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.device != device:
+                    mod._buffers[name] = buf.to(device)
+
+    def _make_groups(self) -> list[_Group]:
+        names = [u.name for u in self.units if u.name]
+        top = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+        modules = {u.name: u.module for u in self.units}
+        groups = []
+        for n in top:
+            chunks = [c for c in self.chunks if c.spec.unit == n or c.spec.unit.startswith(n + ".")]
+            if chunks:
+                groups.append(_Group(len(groups), n, modules[n], chunks))
+        return groups
+
+    # -- residency -----------------------------------------------------------
+    def _issue_gather(self, g: _Group | _RuntimeChunk) -> None:
+        for c in getattr(g, "chunks", [g]):
+            if c.state is not Residency.SHARDED:
+                continue
+            c.transition(Residency.GATHERING)
+            c.full.untyped_storage().resize_(c.bytes)
+            if self.world_size == 1:
+                c.full.copy_(c.compute_shard)
+                c.work = None
+            else:
+                c.work = all_gather_flat(c.full, c.compute_shard, async_op=True)
+
+    def _wait_gathered(self, g: _Group | _RuntimeChunk) -> None:
+        self._issue_gather(g)
+        for c in getattr(g, "chunks", [g]):
+            if c.state is Residency.GATHERING:
+                if c.work is not None:
+                    c.work.wait()
+                    c.work = None
+                c.transition(Residency.GATHERED)
+                if self.cfg.debug_sync:
+                    self._check_gathered(c)
+
+    def _reshard(self, g: _Group) -> None:
+        self._wait_gathered(g)  # an in-flight gather must land before its storage goes
+        for c in g.chunks:
+            if not c.spec.persistent:
+                c.transition(Residency.SHARDED)
+                c.full.untyped_storage().resize_(0)
+
+    def _is_sharded(self, g: _Group) -> bool:
+        return any(c.state is Residency.SHARDED for c in g.chunks)
+
+    def _live_numel(self) -> int:
+        return sum(c.spec.padded_numel for c in self.chunks if c.state is not Residency.SHARDED)
+
+    def _prefetch(self, order: list[int], pos: int) -> None:
+        if self.cfg.stage != 3:
+            return
+        bound = self.cfg.max_live_params
+        for idx in order[pos + 1: pos + 1 + self.cfg.prefetch_units]:
+            g = self.groups[idx]
+            if self._is_sharded(g):
+                if bound and self._live_numel() + g.numel > bound:
+                    return
+                self._issue_gather(g)
+
+    # -- hooks ---------------------------------------------------------------
+    def _pre_forward(self, g: _Group, args, kwargs):
+        if self.phase is Phase.FORWARD:
+            self._cur_order.append(g.index)
+            pos = len(self._cur_order) - 1
+            self._wait_gathered(g)
+            if pos < len(self._fwd_order) and self._fwd_order[pos] == g.index:
+                self._prefetch(self._fwd_order, pos)
+        else:
+            self._wait_gathered(g)  # recomputation in backward, or a forward outside forward_begin
+        if self.phase is Phase.FORWARD and torch.is_grad_enabled():
+            flat, spec = tree_flatten((args, kwargs))
+            idx = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
+            if idx:
+                outs = _PostBackward.apply(self, g, *[flat[i] for i in idx])
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                for i, t in zip(idx, outs):
+                    flat[i] = t
+                return tree_unflatten(flat, spec)
+        return None
+
+    def _post_forward(self, g: _Group, output):
+        if self.phase is not Phase.FORWARD:
+            return None  # recomputation inside backward keeps the unit gathered for its backward
+        if torch.is_grad_enabled():
+            tensors = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
+            fired = [False]
+
+            def pre_backward(grad, g=g, fired=fired):
+                if not fired[0]:
+                    fired[0] = True
+                    self._pre_backward(g)
+                return grad
+
+            for t in tensors:
+                t.register_hook(pre_backward)
+        if self.cfg.stage == 3 and not g.persistent:
+            self._reshard(g)
+        return None
+
+    def _pre_backward(self, g: _Group) -> None:
+        self._wait_gathered(g)
+        if g.index in self._bwd_order:
+            self._prefetch(self._bwd_order, self._bwd_order.index(g.index))
+
+    def _post_backward(self, g: _Group) -> None:
+        if g.reduced:
+            return
+        g.reduced = True
+        if self.cfg.stage >= 2:
+            for c in g.chunks:
+                self._reduce_chunk(c)
+        if self.cfg.stage == 3 and not g.persistent:
+            self._reshard(g)
+
+    # -- gradients -----------------------------------------------------------
+    def _reduce_chunk(self, c: _RuntimeChunk) -> None:
+        """Flatten the chunk's parameter grads (zeros where a parameter got none)
+        and reduce-scatter them into the fp32 shard grad, averaged over ranks."""
+        flat = torch.zeros(c.spec.padded_numel, dtype=self.reduce_dtype, device=self.device)
+        for slot, p in zip(c.spec.params, c.params):
+            if p.grad is not None:
+                flat[slot.offset:slot.end].copy_(p.grad.reshape(-1))
+                p.grad = None
+        if self.world_size == 1:
+            c.grad.add_(flat[: c.spec.shard_numel].to(torch.float32))
+            return
+        out = torch.empty(c.spec.shard_numel, dtype=self.reduce_dtype, device=self.device)
+        work = reduce_scatter_flat(out, flat, async_op=True)
+        self._pending.append((c, work, out, flat))
+        # At most two reductions in flight: bounded memory, still overlapped with backward.
+        while len(self._pending) > 2:
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        c, work, out, _flat = self._pending.pop(0)
+        work.wait()
+        c.grad.add_(out.to(torch.float32).div_(self.world_size))
+
+    # -- public step API -----------------------------------------------------
+    def forward_begin(self) -> None:
+        """Call before each micro-batch's forward (and before an eval forward)."""
+        self.phase = Phase.FORWARD
+        self._cur_order = []
+        for g in self.groups:
+            g.reduced = False
+        if self.root is not None:
+            self._wait_gathered(self.root)
+
+    def backward(self, loss: torch.Tensor, sync_grads: bool = True) -> None:
+        """Backward of one micro-batch; ``sync_grads`` on its last micro-batch.
+
+        Stage 1 accumulates full gradients locally and reduces them only when
+        ``sync_grads``; stages 2–3 reduce-scatter every micro-batch as units finish."""
+        if self._cur_order != self._fwd_order:
+            if self._fwd_order:
+                self.order_changes += 1
+                log.info("rank %d: unit execution order changed (%d -> %d units); re-recorded for prefetch",
+                         self.rank, len(self._fwd_order), len(self._cur_order))
+            self._fwd_order = list(self._cur_order)
+        self._bwd_order = list(reversed(self._cur_order))
+        if self.cfg.stage == 3:  # prefetched for a path not taken: release
+            ran = set(self._cur_order)
+            for g in self.groups:
+                if g.index not in ran and not g.persistent and not self._is_sharded(g):
+                    self._reshard(g)
+        self.phase = Phase.BACKWARD
+        try:
+            (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+            # Groups whose post-backward did not fire (inputs without grad, unused units),
+            # in a fixed order so collectives match across ranks.
+            for g in reversed(self.groups):
+                self._post_backward(g)
+            if self.root is not None and self.cfg.stage >= 2:
+                self._reduce_chunk(self.root)
+            if sync_grads and self.cfg.stage == 1:
+                for c in self.chunks:
+                    self._reduce_chunk(c)
+            while self._pending:
+                self._finish_one()
+        finally:
+            self.phase = Phase.IDLE
+
+    def forward_end_eval(self) -> None:
+        """After a no-grad forward (evaluation)."""
+        self.phase = Phase.IDLE
+
+    @torch.no_grad()
+    def step(self, lr: float) -> StepStats:
+        """Unscale (fp16), clip to the exact global norm, step the shards, refresh params."""
+        grads = [c.grad for c in self.chunks]
+        if self.scaler.enabled:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        norm = global_grad_norm(grads)
+        norm_f = float(norm)  # host sync: the step is skipped on overflow, decided on every rank alike
+        overflow = self.scaler.enabled and not math.isfinite(norm_f)
+        stats = StepStats(grad_norm=norm_f, skipped=overflow, loss_scale=self.scaler.scale)
+        self.scaler.update(overflow)
+        if not overflow:
+            clip = self.optim_cfg.grad_clip
+            if clip > 0:
+                torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
+            self.optimizer.step(lr)
+            self.refresh_params()
+        torch._foreach_zero_(grads)
+        return stats
+
+    @torch.no_grad()
+    def refresh_params(self) -> None:
+        """Recompute compute-dtype shards from the masters; re-gather what stays gathered
+        (stages 1–2, the root, persistent chunks).  Stage-3 units gather lazily."""
+        keep = [c for c in self.chunks
+                if self.cfg.stage < 3 or c.spec.persistent or c is self.root]
+        for c in self.chunks:
+            if c.compute_shard is not c.master:
+                c.compute_shard.copy_(c.master)
+        for c in keep:
+            if c.state is Residency.GATHERED:
+                c.transition(Residency.SHARDED)  # contents stale; storage is reused in place
+            self._issue_gather(c)
+        for c in keep:
+            self._wait_gathered(c)
+
+    # -- state ---------------------------------------------------------------
+    def _check_gathered(self, c: _RuntimeChunk) -> None:
+        s = c.full.double().sum().reshape(1)
+        sums = [torch.zeros_like(s) for _ in range(self.world_size)]
+        dist.all_gather(sums, s) if self.world_size > 1 else sums.__setitem__(0, s)
+        if any(float(x) != float(s) for x in sums):
+            raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
+                               f"differs across ranks: {[float(x) for x in sums]}")
+
+    @torch.no_grad()
+    def full_state_dict(self, to_rank0: bool = True) -> dict[str, torch.Tensor]:
+        """Consolidated fp32 parameters on CPU (all ranks take part; rank 0 returns them)."""
+        out: dict[str, torch.Tensor] = {}
+        for c in self.chunks:
+            full = torch.empty(c.spec.padded_numel, dtype=torch.float32, device=self.device)
+            if self.world_size > 1:
+                all_gather_flat(full, c.master)
+            else:
+                full.copy_(c.master)
+            if self.rank == 0 or not to_rank0:
+                cpu = full.cpu()
+                for slot in c.spec.params:
+                    out[slot.name] = cpu[slot.offset:slot.end].view(slot.shape).clone()
+        for alias, name in self.aliases().items():
+            if name in out:
+                out[alias] = out[name]
+        return out
+
+    def aliases(self) -> dict[str, str]:
+        """Tied parameters: every state_dict name that shares a stored parameter."""
+        canonical = {id(p): n for c in self.chunks for n, p in zip((s.name for s in c.spec.params), c.params)}
+        out = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            cn = canonical.get(id(p))
+            if cn is not None and cn != name:
+                out[name] = cn
+        return out
