@@ -442,3 +442,29 @@ class ZeroEngine:
             if cn is not None and cn != name:
                 out[name] = cn
         return out
+
+    # -- checkpoint contract (docs/CONTRACTS.md) -------------------------------
+    def state_segments(self) -> list:
+        """This rank's pieces of every parameter with their fp32 state, as writable views."""
+        from tierlift.runtime.checkpoint import StateSegment
+        out = []
+        for c in self.chunks:
+            i = c.spec.index
+            for s in c.spec.segments(self.rank):
+                tensors = {"param": c.master[s.shard_lo:s.shard_hi]}
+                for kind in self.optimizer.kinds:
+                    tensors[kind] = self.optimizer.state[kind][i][s.shard_lo:s.shard_hi]
+                out.append(StateSegment(s.param.name, s.param.shape, s.param_lo, s.param_hi, tensors))
+        return out
+
+    def extra_state(self) -> dict:
+        return {"optimizer": self.optim_cfg.name, "optimizer_step": self.optimizer.step_count,
+                "loss_scaler": self.scaler.state_dict()}
+
+    def load_extra_state(self, d: dict) -> None:
+        """After the segments were filled from a checkpoint: restore counters and
+        rebuild compute-dtype parameters from the loaded masters."""
+        self.optimizer.step_count = int(d["optimizer_step"])
+        self.optimizer.sync_step_tensors()
+        self.scaler.load_state_dict(d["loss_scaler"])
+        self.refresh_params()

@@ -1,0 +1,43 @@
+"""What every rank of ``tierlift train`` runs: build model and data from the
+config, train, write the summary.  Launchers call :func:`run_training` with the
+torchrun environment set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from tierlift.errors import CheckpointError
+from tierlift.runtime.config import TrainConfig
+
+__all__ = ["run_training"]
+
+log = logging.getLogger("tierlift.entry")
+
+
+def run_training(cfg_dict: dict[str, Any], run_dir: str, resume: bool = False,
+                 max_steps: int | None = None) -> dict[str, Any]:
+    from tierlift.models import build_model
+    from tierlift.runtime.checkpoint import latest_checkpoint
+    from tierlift.runtime.data import build_dataset
+    from tierlift.runtime.trainer import Trainer
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or cfg.model.vocab_size
+    train_data = build_dataset(cfg.data, vocab_size=vocab, split="train")
+    eval_data = build_dataset(cfg.data, vocab_size=vocab, split="eval") if cfg.train.eval_every else None
+    trainer = Trainer(model, cfg, train_data=train_data, eval_data=eval_data, run_dir=run_dir)
+    if resume:
+        ckpt = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        if ckpt is None:
+            raise CheckpointError("has no complete checkpoint to resume from.", setting="--resume",
+                                  value=run_dir, fix="drop --resume to start fresh, or point --run-dir at the "
+                                                     "run you want to continue.")
+        trainer.load(ckpt)
+    summary = trainer.fit(max_steps=max_steps)
+    if trainer.rank == 0 and summary.losses:
+        log.info("done: %d steps, loss %.4f -> %.4f, %.0f tokens/s", summary.steps, summary.losses[0],
+                 summary.losses[-1], summary.tokens_per_s)
+    return summary.to_dict()
