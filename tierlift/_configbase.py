@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from typing import Any, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -19,6 +21,9 @@ from tierlift.errors import ConfigError
 __all__ = ["from_dict", "to_dict", "check", "check_choice", "nearest"]
 
 T = TypeVar("T")
+
+# A decimal number in the spellings YAML 1.1 leaves as strings (``3e-3``, ``1E9``).
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def nearest(key: str, valid: typing.Iterable[str]) -> str | None:
@@ -54,6 +59,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         dc_args = [a for a in args if dataclasses.is_dataclass(a)]
+        if len(dc_args) > 1 and isinstance(value, str):
+            # Shorthand for a policy with no settings of its own: ``optimizer: cpu``.
+            value = {"kind": value}
         if dc_args and isinstance(value, Mapping) and len(dc_args) > 1:
             # A union of policy dataclasses is tagged by a "kind" key.
             kinds = {getattr(a, "KIND", a.__name__).lower(): a for a in dc_args}
@@ -102,14 +110,22 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError("must be true or false.", setting=path, value=value, fix="write true or false.")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+        num = value
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()) and "e" in value.lower():
+            num = float(value)  # ``1e9`` in YAML is a string; exact below 2**53, checked next
+        if isinstance(num, bool) or not isinstance(num, int):
+            if isinstance(num, float) and num.is_integer() and abs(num) < 2 ** 53:
+                return int(num)
             raise ConfigError("must be an integer.", setting=path, value=value, fix="give a whole number.")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            # PyYAML (YAML 1.1) reads ``3e-3`` (no dot) as a string; accept it as the number it is.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError("must be a number.", setting=path, value=value, fix="give a number.")
+        if not math.isfinite(value):
+            raise ConfigError("must be a finite number.", setting=path, value=value, fix="give a finite number.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -137,10 +153,26 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if path and exc.setting and not exc.setting.startswith(path):
-            exc.setting = f"{path}.{exc.setting}"
-            exc.args = (exc.render(),)
+        _relocate(exc, path, fields)
         raise
+
+
+def _relocate(exc: ConfigError, path: str, fields: Mapping[str, Any]) -> None:
+    """Make a ``__post_init__`` error name the setting where it was loaded.
+
+    Validators name settings by their usual place ("offload.aio.block_size",
+    "offload.*.path"); the same dataclass can sit elsewhere (an NVMe policy under
+    ``offload.param``), so an error about one of ``cls``'s own fields is renamed
+    to ``path.field``; any other setting is prefixed with ``path``.
+    """
+    if not path or not exc.setting:
+        return
+    field_name = exc.setting.rsplit(".", 1)[-1].split("[", 1)[0]
+    if field_name in fields:
+        exc.setting = f"{path}.{exc.setting.rsplit('.', 1)[-1]}"
+    elif exc.setting != path and not exc.setting.startswith(path + "."):
+        exc.setting = f"{path}.{exc.setting}"
+    exc.args = (exc.render(),)
 
 
 def to_dict(obj: Any) -> Any:

@@ -37,7 +37,11 @@ class AioConfig:
 
     block_size: bytes per request (>= 1 MiB recommended, multiple of 4096);
     queue_depth: requests in flight per thread; threads: I/O worker threads;
-    backend: "threads" (pure Python, default) or "libaio" (DeepSpeed's op)."""
+    backend: "threads" (pure Python, default) or "libaio" (DeepSpeed's op);
+    single_submit: submit requests one at a time instead of in batches;
+    overlap_events: overlap request submission with completion polling;
+    use_gds: move data NVMe <-> GPU directly with GPUDirect Storage (needs a CUDA
+    device and the libaio backend's GDS op), skipping the pinned host bounce."""
 
     block_size: int = 8 << 20
     queue_depth: int = 8
@@ -45,6 +49,7 @@ class AioConfig:
     backend: str = "threads"
     single_submit: bool = False
     overlap_events: bool = True
+    use_gds: bool = False
 
     def __post_init__(self) -> None:
         check(self.block_size >= 4096 and self.block_size % 4096 == 0, "offload.aio.block_size",
@@ -53,33 +58,46 @@ class AioConfig:
         check(self.threads >= 1, "offload.aio.threads", self.threads, "must be >= 1.", "use 4.")
         check(self.backend in ("threads", "libaio"), "offload.aio.backend", self.backend,
               "must be 'threads' or 'libaio'.", "use 'threads' unless DeepSpeed's aio op is installed.")
+        check(not self.use_gds or self.backend == "libaio", "offload.aio.use_gds", self.use_gds,
+              f"needs backend 'libaio' (backend is {self.backend!r}); the threads backend reads "
+              "through host memory.", "set backend: libaio, or use_gds: false.")
 
 
 @dataclass
 class NVMeOffload:
     """State lives in one preallocated extent file per rank under ``path``.
 
-    buffer_count: pinned staging buffers per rank; max_in_cpu: elements that may
-    stay in host memory before spilling to NVMe (0 = none)."""
+    buffer_count: pinned staging buffers per rank; buffer_size: elements per
+    staging buffer (0 = sized to the largest chunk shard); max_in_cpu: elements
+    that may stay in host memory before spilling to NVMe (0 = none)."""
 
     KIND = "nvme"
     path: str = ""
     pin_memory: bool = True
     buffer_count: int = 4
+    buffer_size: int = 0
     max_in_cpu: int = 0
     aio: AioConfig = field(default_factory=AioConfig)
 
     def __post_init__(self) -> None:
-        check(bool(self.path), "offload.*.path", self.path, "an NVMe offload needs a directory.",
-              "set path to a directory on a fast local disk, e.g. /tmp/tierlift-nvme.")
-        parent = self.path
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent.rstrip("/")) or ""
-        check(bool(parent) and os.access(parent, os.W_OK), "offload.*.path", self.path,
-              "is not writable.", "choose a directory you can write to.")
         check(self.buffer_count >= 2, "offload.*.buffer_count", self.buffer_count,
               "must be >= 2 (double buffering).", "use 4.")
+        check(self.buffer_size >= 0, "offload.*.buffer_size", self.buffer_size, "must be >= 0.",
+              "use 0 to size buffers to the largest chunk shard.")
         check(self.max_in_cpu >= 0, "offload.*.max_in_cpu", self.max_in_cpu, "must be >= 0.", "use 0.")
+        # The path last, after the numbers: so a tool that collects every error (deepspeed_compat)
+        # reports bad numbers alongside a bad path instead of stopping at the path.
+        check(bool(self.path), "offload.*.path", self.path, "an NVMe offload needs a directory.",
+              "set path to a directory on a fast local disk, e.g. /tmp/tierlift-nvme.")
+        check(not os.path.exists(self.path) or os.path.isdir(self.path), "offload.*.path", self.path,
+              "exists and is not a directory.", "give a directory (it is created if missing).")
+        # The directory is created at launch, so the nearest existing ancestor must be writable.
+        parent = os.path.abspath(self.path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        check(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK), "offload.*.path",
+              self.path, f"is not writable (nearest existing directory: {parent}).",
+              "choose a directory you can write to, on a fast local disk.")
 
 
 OffloadPolicy = Union[NoOffload, CPUOffload, NVMeOffload]

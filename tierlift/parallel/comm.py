@@ -94,21 +94,22 @@ def current_comm() -> Comm:
     return LocalComm()
 
 
+# torch 2.13 renamed the flat collectives (*_single); 2.11 has only the old names.
+_ag_single = getattr(dist, "all_gather_single", None)
+_rs_single = getattr(dist, "reduce_scatter_single", None)
+
+
 def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
     """Gather equal shards into ``out`` (len = world * len(shard)), rank-ordered."""
+    if _ag_single is not None:
+        return _ag_single(out, shard, group=group, async_op=async_op)
     return dist.all_gather_into_tensor(out, shard, group=group, async_op=async_op)
-
-
-_rs_single = getattr(dist, "reduce_scatter_single", None)
 
 
 def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor, group=None, async_op: bool = False):
     """Sum ``flat`` over ranks and keep this rank's slice in ``out``."""
     if _rs_single is not None:
-        try:
-            return _rs_single(out, flat, group=group, async_op=async_op)
-        except TypeError:
-            pass
+        return _rs_single(out, flat, group=group, async_op=async_op)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return dist.reduce_scatter_tensor(out, flat, group=group, async_op=async_op)

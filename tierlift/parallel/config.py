@@ -27,6 +27,13 @@ class ZeroConfig:
     max_live_params: upper bound of gathered elements at once (0 = no bound);
         limits prefetch depth (DeepSpeed's stage3_max_live_parameters).
     debug_sync: check that gathered parameters agree across ranks and checksum shards.
+    prefetch_bytes: upper bound of parameter bytes being gathered ahead of use at
+        once (0 = bounded by prefetch_units only); DeepSpeed's
+        stage3_prefetch_bucket_size, which counts elements, times the compute
+        dtype's size.
+    sub_group_size: the optimizer steps at most this many elements at a time,
+        which bounds its pinned staging memory (0 = one step per chunk shard);
+        DeepSpeed's sub_group_size.
     """
 
     stage: int = 3
@@ -36,6 +43,8 @@ class ZeroConfig:
     wrap: list[str] = field(default_factory=list)
     max_live_params: int = 0
     debug_sync: bool = False
+    prefetch_bytes: int = 0
+    sub_group_size: int = 0
 
     def __post_init__(self) -> None:
         check_choice("zero.stage", self.stage, [1, 2, 3])
@@ -48,6 +57,10 @@ class ZeroConfig:
               "must be a power of two >= 2.", "use 4096 (O_DIRECT) or 512.")
         check(self.max_live_params >= 0, "zero.max_live_params", self.max_live_params,
               "must be >= 0.", "use 0 for no bound.")
+        check(self.prefetch_bytes >= 0, "zero.prefetch_bytes", self.prefetch_bytes,
+              "must be >= 0.", "use 0 to bound prefetch by prefetch_units only.")
+        check(self.sub_group_size >= 0, "zero.sub_group_size", self.sub_group_size,
+              "must be >= 0.", "use 0 to step one chunk shard at a time.")
 
 
 @dataclass

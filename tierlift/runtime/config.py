@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from tierlift._configbase import check, check_choice, from_dict, to_dict
 from tierlift.errors import ConfigError
 from tierlift.models.config import ModelConfig
-from tierlift.offload.policy import OffloadConfig
+from tierlift.offload.policy import NoOffload, NVMeOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.runtime.data.config import DataConfig
 from tierlift.runtime.schedule import SchedulerConfig
 
-__all__ = ["TrainConfig", "LoopConfig", "RunConfig"]
+__all__ = ["TrainConfig", "LoopConfig", "RunConfig", "check_batch_sizes", "render_config",
+           "read_config_file"]
 
 
 @dataclass
@@ -84,9 +86,31 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        # Rules that span sections; each section validates its own values.
         if self.precision.compute == "fp16" and self.precision.reduce == "bf16":
             raise ConfigError("mixes fp16 compute with bf16 reduction.", setting="precision.reduce",
                               value="bf16", fix="use reduce: fp32 or fp16 with fp16 compute.")
+        if not isinstance(self.offload.param, NoOffload):
+            # Only stage 3 keeps a parameter shard per rank that can live off the GPU.
+            check(self.zero.stage == 3, "zero.stage", self.zero.stage,
+                  f"offloading parameters (offload.param kind {type(self.offload.param).KIND!r}) "
+                  "needs ZeRO stage 3.", "set zero.stage: 3, or offload.param: {kind: none}.")
+        if self.model.kind == "hf":
+            limit = self.model.hf_config.get("max_position_embeddings")
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                check(self.data.seq_len <= limit, "data.seq_len", self.data.seq_len,
+                      f"exceeds model.hf_config.max_position_embeddings={limit}.",
+                      f"use seq_len <= {limit} or raise max_position_embeddings.")
+        else:
+            check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+                  f"exceeds model.max_seq_len={self.model.max_seq_len}.",
+                  f"use seq_len <= {self.model.max_seq_len} or raise model.max_seq_len.")
+        for role in ("optimizer", "param"):
+            policy = getattr(self.offload, role)
+            if isinstance(policy, NVMeOffload) and policy.aio.use_gds:
+                check(self.run.device != "cpu", f"offload.{role}.aio.use_gds", True,
+                      "GPUDirect Storage moves data to a GPU, but run.device is 'cpu'.",
+                      "set use_gds: false or run.device: cuda.")
 
     # -- loading -----------------------------------------------------------
     @classmethod
@@ -101,31 +125,88 @@ class TrainConfig:
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
         """Load tierlift YAML (.yaml/.yml) or DeepSpeed JSON (.json)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError("does not exist or is not a file.", setting="config", value=path,
-                              fix="give the path of a tierlift YAML or DeepSpeed JSON config, "
-                                  "e.g. configs/tiny-gpt.yaml.")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            if path.endswith(".json"):
-                data = json.loads(text)
-            else:
-                import yaml
-                data = yaml.safe_load(text)
-        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-            raise ConfigError(f"could not be parsed: {exc}", setting="config", value=path,
-                              fix="fix the syntax error at the position shown.") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError("must hold a mapping at the top level.", setting="config", value=path,
-                              fix="write sections such as model:, train:, zero:.")
-        return cls.from_dict(data)
+        cfg = cls.from_dict(read_config_file(path))
+        cfg._source = path  # not a field: for render_config's header only, ignored by ==
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
     def to_yaml(self) -> str:
         import yaml
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+        class _Dumper(yaml.SafeDumper):
+            """Block mappings, but lists on one line ([0.9, 0.95]) as people write them."""
+
+        _Dumper.add_representer(list, lambda d, v: d.represent_sequence(
+            "tag:yaml.org,2002:seq", v, flow_style=True))
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML (.yaml/.yml, or any other name) or JSON (.json) file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError("does not exist or is not a file.", setting="config", value=path,
+                          fix="give the path of a tierlift YAML or DeepSpeed JSON config, "
+                              "e.g. configs/tiny-gpt.yaml.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError(f"could not be parsed: {exc}", setting="config", value=path,
+                          fix="fix the syntax error at the position shown.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("must hold a mapping at the top level.", setting="config", value=path,
+                          fix="write sections such as model:, train:, zero: (or a DeepSpeed JSON object).")
+    return dict(data)
+
+
+def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
+    """The samples one optimizer step consumes across ``world_size`` ranks.
+
+    Pure; the trainer calls it once the world size is known.  Raises ConfigError
+    when train.global_batch_size is set (> 0) and differs from
+    micro_batch_size * grad_accum_steps * world_size.
+    """
+    check(isinstance(world_size, int) and world_size >= 1, "world_size", world_size,
+          "must be a positive integer.", "pass the number of ranks.")
+    t = cfg.train
+    derived = t.micro_batch_size * t.grad_accum_steps * world_size
+    if t.global_batch_size and t.global_batch_size != derived:
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step == 0:
+            fix = (f"set train.grad_accum_steps: {t.global_batch_size // per_step}, "
+                   f"or train.global_batch_size: 0 to derive it.")
+        else:
+            fix = (f"make global_batch_size a multiple of micro_batch_size * world_size = {per_step}, "
+                   f"e.g. {derived}, or set it to 0 to derive it.")
+        raise ConfigError(
+            f"!= micro_batch_size {t.micro_batch_size} * grad_accum_steps {t.grad_accum_steps} "
+            f"* world_size {world_size} = {derived}.", setting="train.global_batch_size",
+            value=t.global_batch_size, fix=fix)
+    return derived
+
+
+def render_config(cfg: TrainConfig, source: str | None = None) -> str:
+    """The resolved config as YAML with every default shown, under a header
+    naming where it came from (``source``, else the file it was loaded from) and
+    any notes of a DeepSpeed mapping.  Loading the text gives an equal config."""
+    source = source or getattr(cfg, "_source", None) or "defaults (no config file)"
+    lines = ["# tierlift config, resolved: every setting shown, defaults included.",
+             f"# source: {source}"]
+    notes = getattr(cfg, "_deepspeed_notes", None) or []
+    if notes:
+        lines.append("# mapped from DeepSpeed JSON; notes:")
+        for note in notes:
+            wrapped = textwrap.wrap(note, width=96) or [""]
+            lines.append(f"#   - {wrapped[0]}")
+            lines.extend(f"#     {rest}" for rest in wrapped[1:])
+    return "\n".join(lines) + "\n" + cfg.to_yaml()

@@ -17,7 +17,10 @@ class DataConfig:
     benchmarks and tests) or "parquet" (a directory of token shards written by
     ``tierlift data prepare``).  seq_len: tokens per sample (the model sees
     seq_len inputs and seq_len next-token labels).  eval_path: optional held-out
-    shards; eval_fraction: for synthetic data, a separate seed stream."""
+    shards (its eval split if it has one, else all of it); without it, the eval
+    split of ``path`` is used when ``prepare`` wrote one.  synthetic_samples /
+    synthetic_eval_samples: sizes of the synthetic train and eval sets (eval
+    draws from a separate seed stream; 0 = no synthetic eval)."""
 
     source: str = "synthetic"
     path: str = ""
@@ -26,12 +29,15 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     synthetic_samples: int = 1 << 16
+    synthetic_eval_samples: int = 1024
 
     def __post_init__(self) -> None:
         check_choice("data.source", self.source, ["synthetic", "parquet"])
         check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2.", "use e.g. 128.")
         check(self.synthetic_samples >= 1, "data.synthetic_samples", self.synthetic_samples,
               "must be >= 1.", "use e.g. 65536.")
+        check(self.synthetic_eval_samples >= 0, "data.synthetic_eval_samples", self.synthetic_eval_samples,
+              "must be >= 0.", "use e.g. 1024, or 0 for no synthetic eval set.")
         if self.source == "parquet":
             for key in ("path", "eval_path"):
                 p = getattr(self, key)
