@@ -39,16 +39,23 @@ class ShardOptimizer:
     (``exp_avg``/``exp_avg_sq`` for AdamW, ``momentum`` for SGD)."""
 
     def __init__(self, cfg: OptimizerConfig, masters: list[torch.Tensor], grads: list[torch.Tensor],
-                 segments: list[list[Segment]]) -> None:
+                 segments: list[list[Segment]], sub_group_size: int = 0) -> None:
         self.cfg = cfg
         self.kinds = ("exp_avg", "exp_avg_sq") if cfg.name == "adamw" else ("momentum",)
         self.state = {k: [torch.zeros_like(m) for m in masters] for k in self.kinds}
         self.step_count = 0
-        # One group per (decay, no-decay); lists of views built once (buffers are persistent).
-        self.groups = {True: SegmentGroup(), False: SegmentGroup()}
+        # Groups of views built once (buffers are persistent), split by weight decay and
+        # into sub-groups of at most sub_group_size elements (0 = no limit): one fused
+        # call per sub-group bounds the kernel's working set (DeepSpeed's sub_group_size).
+        self.groups: list[tuple[bool, SegmentGroup]] = []
+        open_group: dict[bool, tuple[SegmentGroup, int]] = {}
         for ci, segs in enumerate(segments):
             for s in segs:
-                g = self.groups[s.param.decay]
+                g, used = open_group.get(s.param.decay, (None, 0))
+                if g is None or (sub_group_size and used + s.numel > sub_group_size and g.params):
+                    g, used = SegmentGroup(), 0
+                    self.groups.append((s.param.decay, g))
+                open_group[s.param.decay] = (g, used + s.numel)
                 g.params.append(masters[ci][s.shard_lo:s.shard_hi])
                 g.grads.append(grads[ci][s.shard_lo:s.shard_hi])
                 for k in self.kinds:
@@ -59,9 +66,7 @@ class ShardOptimizer:
     @torch.no_grad()
     def step(self, lr: float) -> None:
         self.step_count += 1
-        for decay, g in self.groups.items():
-            if not g.params:
-                continue
+        for decay, g in self.groups:
             wd = self.cfg.weight_decay if decay else 0.0
             if self.cfg.name == "adamw":
                 beta1, beta2 = self.cfg.betas
@@ -80,7 +85,7 @@ class ShardOptimizer:
 
     def sync_step_tensors(self) -> None:
         """Set every per-segment step counter to ``step_count`` (after a load)."""
-        for g in self.groups.values():
+        for _, g in self.groups:
             for t in g.steps:
                 t.fill_(float(self.step_count))
 

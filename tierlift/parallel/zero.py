@@ -152,7 +152,8 @@ class ZeroEngine:
         self.root = next((c for c in self.chunks if c.spec.unit == ""), None)
         self.groups = self._make_groups()
         self.optimizer = ShardOptimizer(optim, [c.master for c in self.chunks], [c.grad for c in self.chunks],
-                                        [c.spec.segments(self.rank) for c in self.chunks])
+                                        [c.spec.segments(self.rank) for c in self.chunks],
+                                        sub_group_size=zero.sub_group_size)
         self.scaler = LossScaler(precision, enabled=precision.compute == "fp16")
         self.phase = Phase.IDLE
         self._fwd_order: list[int] = []  # group order recorded on the previous micro-batch
@@ -235,8 +236,14 @@ class ZeroEngine:
         if self.cfg.stage != 3:
             return
         bound = self.cfg.max_live_params
+        budget = self.cfg.prefetch_bytes or None  # bytes gathered ahead of use, at the compute dtype
+        itemsize = torch.finfo(self.compute_dtype).bits // 8
         for idx in order[pos + 1: pos + 1 + self.cfg.prefetch_units]:
             g = self.groups[idx]
+            if budget is not None:
+                budget -= g.numel * itemsize
+                if budget < 0:
+                    return
             if self._is_sharded(g):
                 if bound and self._live_numel() + g.numel > bound:
                     return
@@ -407,6 +414,12 @@ class ZeroEngine:
 
     # -- state ---------------------------------------------------------------
     def _check_gathered(self, c: _RuntimeChunk) -> None:
+        """debug_sync: this rank's slice of the gathered buffer is its own shard, and
+        the gathered buffer is bit-identical across ranks (compared by checksum)."""
+        lo, hi = c.spec.shard_range(self.rank)
+        if not torch.equal(c.full[lo:hi], c.compute_shard):
+            raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
+                               f"does not hold this rank's shard at [{lo}, {hi}).")
         s = c.full.double().sum().reshape(1)
         sums = [torch.zeros_like(s) for _ in range(self.world_size)]
         dist.all_gather(sums, s) if self.world_size > 1 else sums.__setitem__(0, s)

@@ -1,0 +1,37 @@
+# tierlift — the two commands the README promises:
+#   make run   set up a venv and train the tiny GPT on 2 CPU ranks through local Ray
+#   make test  set up a venv and run the test suite (GPU-only tests are skipped without a GPU)
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+# A CPU build of torch. On this workplace pip takes it from local disk; elsewhere PyPI.
+TORCH     ?= torch==2.13.0
+RUN_DIR   ?= runs/tiny-gpt
+STEPS     ?= 300
+STAMP     := $(VENV)/.tierlift-installed
+
+.PHONY: setup run test test-gpu clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[ray,hf,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: configs/tiny-gpt.yaml (2 ranks, Ray on 127.0.0.1, ZeRO-3, CPU).
+run: setup
+	$(BIN)/tierlift train configs/tiny-gpt.yaml --nproc 2 --backend ray --device cpu \
+	    --steps $(STEPS) --run-dir $(RUN_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=15
+
+# On a machine with CUDA: only the GPU tests.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
