@@ -1,0 +1,363 @@
+"""Shared pieces of the ZeRO benchmark (driver ``bench_zero.py``, worker ``zero_worker.py``).
+
+Everything that must be *identical* across the compared systems lives here, so a
+difference in the numbers can only come from the system under test:
+
+* the model (``build_model``): Hugging Face ``LlamaForCausalLM``, fp32 weights,
+  initialised on the CPU from one seed -- the same weights in every system and
+  on every rank, so the first step's loss must agree across systems;
+* the batch (``make_global_batch`` / ``rank_slice``): one deterministic global
+  batch of ``world * mbs`` sequences, rank r taking rows [r*mbs, (r+1)*mbs); the
+  1-GPU batch is the first half of the 2-GPU one;
+* measurement helpers: a host-RSS sampler for a process tree (the driver's
+  view, 20 Hz), GPU allocator peaks (the worker's view), JSON writing.
+
+No tierlift import here: the harness must run (and measure the peers) even
+when tierlift is broken.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+GiB = float(1 << 30)
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+# "l1b" is design.md section 4's anchor (0.934 B params).  "tiny" keeps the same
+# architecture but small enough for CPU smoke runs; its vocabulary is cut to
+# 1024 as well, because the logits (mbs * seq * vocab floats) dominate memory
+# and time of a tiny model on 2 shared cores.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "l1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                intermediate_size=5440, vocab_size=32000, max_position_embeddings=1024),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=176, vocab_size=1024, max_position_embeddings=1024),
+}
+
+DEFAULT_SEED = 1234
+
+
+def model_config(name: str, seq: int):
+    from transformers import LlamaConfig
+
+    if name not in MODEL_PRESETS:
+        raise SystemExit(f"unknown --model {name!r}; choose from {sorted(MODEL_PRESETS)}")
+    kw = dict(MODEL_PRESETS[name])
+    # A longer --seq than the preset's table would silently index past RoPE's cache.
+    kw["max_position_embeddings"] = max(kw["max_position_embeddings"], seq)
+    return LlamaConfig(**kw, attn_implementation="sdpa", use_cache=False)
+
+
+def build_model(name: str, seq: int, seed: int = DEFAULT_SEED):
+    """fp32 LlamaForCausalLM on the CPU, initialised from ``seed``.
+
+    Built on the CPU (not on a GPU, not on meta) because that is the one place
+    every system accepts it and where the RNG stream is device-independent:
+    identical weights in tierlift, DeepSpeed and FSDP2 on any machine.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = model_config(name, seq)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.train()
+    return model
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def decay_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups the way tierlift's optimizer does it (OptimizerConfig's doc):
+    weight decay on matrices, none on 1-D parameters (norm weights, biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------
+# Batch
+# ---------------------------------------------------------------------------
+
+def make_global_batch(vocab: int, world: int, mbs: int, seq: int, seed: int = DEFAULT_SEED):
+    """(input_ids, labels) of shape [world*mbs, seq], int64, on the CPU.
+
+    Uniform random tokens from a private generator (it does not disturb the
+    model-init RNG).  labels == input_ids: HF causal LMs shift internally, and
+    every position is a valid target, so each rank's mean loss has the same
+    token count and the global loss is the plain mean of the ranks' losses.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (world * mbs, seq), generator=g, dtype=torch.long)
+    return ids, ids.clone()
+
+
+def rank_slice(t, rank: int, mbs: int):
+    return t[rank * mbs:(rank + 1) * mbs]
+
+
+# ---------------------------------------------------------------------------
+# GPU / environment facts (worker side)
+# ---------------------------------------------------------------------------
+
+def gpu_stats(device) -> dict[str, Any]:
+    """Peak allocator memory of this process on ``device`` (None on CPU runs).
+
+    max_memory_allocated is what the issue compares; reserved shows the caching
+    allocator's fragmentation; mem_get_info's "used" covers memory outside the
+    allocator too (CUDA context, NCCL buffers, raw cudaMalloc) at the moment of
+    the call.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return {"peak_gpu_alloc_gib": None, "peak_gpu_reserved_gib": None, "gpu_used_at_end_gib": None}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "peak_gpu_alloc_gib": torch.cuda.max_memory_allocated(device) / GiB,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB,
+        "gpu_used_at_end_gib": (total - free) / GiB,
+        "gpu_total_gib": total / GiB,
+    }
+
+
+def pinned_host_stats() -> dict[str, Any]:
+    """Pinned host memory through PyTorch's caching host allocator (tensor.pin_memory(),
+    pin_memory=True allocations).  Memory pinned by cudaHostRegister/cudaHostAlloc
+    outside PyTorch is not in here; it still shows in RSS once touched."""
+    import torch
+
+    fn = getattr(getattr(torch.cuda, "memory", None), "host_memory_stats", None)
+    if fn is None or not torch.cuda.is_available():
+        return {}
+    try:
+        s = fn()
+    except Exception as exc:  # older builds / no CUDA context
+        return {"error": repr(exc)}
+    # Key names vary across torch versions ("allocated_bytes.peak", "active_bytes.peak", ...):
+    # keep every byte counter's current and peak.
+    return {k.replace("_bytes", "_gib"): v / GiB for k, v in s.items()
+            if "_bytes." in k and k.endswith((".current", ".peak"))}
+
+
+def env_facts() -> dict[str, Any]:
+    """Versions and hardware, read without importing the peers (cheap, and a
+    broken peer must not stop the facts from being written)."""
+    from importlib import metadata
+
+    def ver(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    facts: dict[str, Any] = {
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": ver("torch"),
+        "deepspeed": ver("deepspeed"),
+        "transformers": ver("transformers"),
+        "tierlift": ver("tierlift"),
+        "env": {k: os.environ.get(k) for k in (
+            "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+            "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")},
+    }
+    return facts
+
+
+def gpu_facts() -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"gpu_name": None, "gpu_count": 0, "cuda": None}
+    p = torch.cuda.get_device_properties(0)
+    return {"gpu_name": p.name, "gpu_count": torch.cuda.device_count(), "cuda": torch.version.cuda,
+            "gpu_total_gib": p.total_memory / GiB, "torch_runtime": torch.__version__}
+
+
+# ---------------------------------------------------------------------------
+# Host memory sampling (driver side)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _ProcInfo:
+    pid: int
+    ppid: int
+    name: str
+    rank: int | None
+    is_rank: bool = False  # a rank itself, not a child of one (a JIT compiler inherits RANK too)
+    peak_rss: int = 0
+
+
+class TreeRSSSampler(threading.Thread):
+    """Samples the RSS of a process and all its descendants at ``hz``.
+
+    Runs in the driver (outside the measured processes, so it perturbs none of
+    them except for /proc reads).  Records, per sample, the RSS of every live
+    process; from that it derives the peak of the tree's total, the peak of the
+    ranks' total (torchrun's agent and compiler subprocesses excluded) and the
+    peak of each process.  Ranks are recognised by the RANK variable torchrun
+    puts in their environment (and a parent without it: compilers a rank spawns
+    inherit RANK but count as "other" processes, still inside the tree total).
+
+    Optionally also samples device-wide GPU memory in use through NVML (the
+    "used" counter nvidia-smi shows: allocator + CUDA context + NCCL + raw
+    cudaMalloc), a cross-check on the allocator peaks the workers report.
+    """
+
+    def __init__(self, root_pid: int, hz: float = 20.0, nvml: bool = False):
+        super().__init__(daemon=True)
+        import psutil
+
+        self._psutil = psutil
+        self.root_pid = root_pid
+        self.period = 1.0 / hz
+        self._stop_evt = threading.Event()
+        self.procs: dict[int, _ProcInfo] = {}
+        self.peak_total = 0
+        self.peak_ranks_total = 0
+        self.samples = 0
+        self.started_at = time.time()
+        self._nvml = None
+        self.peak_gpu_used: dict[int, int] = {}
+        if nvml:
+            try:
+                import pynvml  # nvidia-ml-py
+
+                pynvml.nvmlInit()
+                n = pynvml.nvmlDeviceGetCount()
+                self._nvml = (pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)])
+            except Exception:
+                self._nvml = None
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=5)
+
+    def _rank_of(self, p) -> int | None:
+        try:
+            r = p.environ().get("RANK")
+            return int(r) if r is not None else None
+        except Exception:
+            return None
+
+    def run(self) -> None:
+        psutil = self._psutil
+        try:
+            root = psutil.Process(self.root_pid)
+        except psutil.Error:
+            return
+        while not self._stop_evt.is_set():
+            t0 = time.perf_counter()
+            try:
+                tree = [root] + root.children(recursive=True)
+            except psutil.Error:
+                tree = []
+            total = ranks_total = 0
+            for p in tree:
+                try:
+                    rss = p.memory_info().rss
+                    info = self.procs.get(p.pid)
+                    if info is None:
+                        info = _ProcInfo(p.pid, p.ppid(), p.name(), self._rank_of(p))
+                        self.procs[p.pid] = info
+                    elif info.rank is None and info.pid != self.root_pid:
+                        # environ may not be readable in the first instant after fork/exec
+                        info.rank = self._rank_of(p)
+                    if info.rank is not None and not info.is_rank and info.pid != self.root_pid:
+                        parent = self.procs.get(info.ppid)
+                        info.is_rank = parent is None or parent.rank is None
+                except psutil.Error:
+                    continue
+                info.peak_rss = max(info.peak_rss, rss)
+                total += rss
+                if info.is_rank:
+                    ranks_total += rss
+            self.peak_total = max(self.peak_total, total)
+            self.peak_ranks_total = max(self.peak_ranks_total, ranks_total)
+            if self._nvml is not None:
+                pynvml, handles = self._nvml
+                for i, h in enumerate(handles):
+                    try:
+                        used = pynvml.nvmlDeviceGetMemoryInfo(h).used
+                    except Exception:
+                        continue
+                    self.peak_gpu_used[i] = max(self.peak_gpu_used.get(i, 0), used)
+            self.samples += 1
+            self._stop_evt.wait(max(0.0, self.period - (time.perf_counter() - t0)))
+
+    def result(self) -> dict[str, Any]:
+        per_rank: dict[str, float] = {}
+        others = []
+        for info in self.procs.values():
+            if info.is_rank:
+                # one rank may be restarted by torchrun; keep the largest
+                k = str(info.rank)
+                per_rank[k] = max(per_rank.get(k, 0.0), info.peak_rss / GiB)
+            else:
+                others.append({"pid": info.pid, "name": info.name, "peak_rss_gib": info.peak_rss / GiB})
+        others.sort(key=lambda d: -d["peak_rss_gib"])
+        return {
+            "peak_rss_gib_tree_total": self.peak_total / GiB,
+            "peak_rss_gib_ranks_total": self.peak_ranks_total / GiB,
+            "peak_rss_gib_per_rank": dict(sorted(per_rank.items(), key=lambda kv: int(kv[0]))),
+            "peak_rss_gib_other_processes": others[:6],
+            "rss_samples": self.samples,
+            "rss_sample_hz": 1.0 / self.period,
+            "peak_gpu_used_gib_nvml": ({str(i): v / GiB for i, v in sorted(self.peak_gpu_used.items())}
+                                       if self._nvml is not None else None),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------
+
+def median(xs: Iterable[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(xs) if xs else None
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic (write + rename): a reader never sees half a file, and a crash
+    leaves the previous result intact."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if abs(x) >= 1000:
+            return f"{x / 1000:.1f}k"
+        return f"{x:.{nd}f}"
+    return str(x)

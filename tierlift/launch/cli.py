@@ -1,0 +1,264 @@
+"""The ``tierlift`` command line.
+
+Subcommands: ``train``, ``launch``, ``config show|convert``, ``data prepare``,
+``export``.  Each handler imports what it needs when it runs, so ``tierlift
+--help`` and usage errors cost no torch/Ray import.
+
+Errors: a :class:`TierliftError` (bad input or environment) prints one line
+``tierlift: error: <setting=value: message Fix: ...>`` and exits 2, with the
+traceback only under ``--debug`` (accepted before or after the subcommand);
+argparse usage errors exit 2; Ctrl-C exits 130.  Any other exception is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from tierlift.errors import LaunchError, TierliftError
+
+__all__ = ["main", "build_parser"]
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is not in [{lo}, {hi if hi is not None else '...'}]")
+        return v
+    return parse
+
+
+_PORT = _int_at_least(0, 65535)
+
+
+# -- train ----------------------------------------------------------------------
+
+def _has_checkpoint(run_dir: str) -> bool:
+    from tierlift.runtime.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir) is not None
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)  # readers (the ranks) never see half a config
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tierlift._configbase import from_dict
+    from tierlift.runtime.config import TrainConfig
+
+    cfg = TrainConfig.load(args.config)
+    data = cfg.to_dict()
+    run = data["run"]
+    for key, value in (("nproc", args.nproc), ("backend", args.backend), ("device", args.device),
+                       ("master_port", args.master_port)):
+        if value is not None:
+            run[key] = value
+    run["dir"] = os.path.abspath(args.run_dir or run["dir"])
+    if args.steps is not None:
+        data["train"]["max_steps"] = args.steps
+    cfg = from_dict(TrainConfig, data)  # re-validated with the overrides applied
+    run_dir = cfg.run.dir
+    if args.resume and not _has_checkpoint(run_dir):
+        raise LaunchError("has no complete checkpoint to resume from.", setting="--resume", value=run_dir,
+                          fix="drop --resume to start fresh, or give the --run-dir of the run to continue.")
+    os.makedirs(run_dir, exist_ok=True)
+    _write_text_atomic(os.path.join(run_dir, "config.yaml"), cfg.to_yaml())
+    port_setting = "--master-port" if args.master_port is not None else "run.master_port"
+    n, backend = cfg.run.nproc, cfg.run.backend
+    if backend == "local" and n == 1:
+        from tierlift.runtime.entry import run_training
+
+        os.environ["TIERLIFT_RUN_DIR"] = run_dir
+        run_training(cfg.to_dict(), run_dir, resume=args.resume, max_steps=args.steps)
+        return 0
+    if backend == "local":
+        from tierlift.launch.local import launch_local
+
+        cmd = [sys.executable, "-m", "tierlift.launch.worker", "--run-dir", run_dir]
+        cmd += ["--resume"] if args.resume else []
+        cmd += ["--max-steps", str(args.steps)] if args.steps is not None else []
+        cmd += ["--debug"] if args.debug else []
+        return launch_local(cmd, n, log_dir=os.path.join(run_dir, "logs"), master_port=cfg.run.master_port,
+                            run_dir=run_dir, port_setting=port_setting)
+    from tierlift.launch.ray_launcher import launch_ray
+
+    return launch_ray(nproc=n, run_dir=run_dir, target="tierlift.runtime.entry:run_training",
+                      kwargs={"cfg_dict": cfg.to_dict(), "run_dir": run_dir, "resume": args.resume,
+                              "max_steps": args.steps},
+                      device=cfg.run.device, name=os.path.basename(run_dir.rstrip(os.sep)) or "tierlift",
+                      master_port=cfg.run.master_port, port_setting=port_setting,
+                      threads_per_rank=cfg.run.threads_per_rank, debug=args.debug)
+
+
+# -- launch ---------------------------------------------------------------------
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if not cmd:
+        raise LaunchError("no command given.", setting="command", value=None,
+                          fix="put the command after --, e.g. tierlift launch --nproc 2 -- python train.py.")
+    run_dir = os.path.abspath(args.run_dir) if args.run_dir else None
+    if args.backend == "local":
+        from tierlift.launch.local import launch_local
+
+        return launch_local(cmd, args.nproc, master_port=args.master_port, run_dir=run_dir,
+                            log_dir=os.path.join(run_dir, "logs") if run_dir else None)
+    from tierlift.launch.ray_launcher import launch_ray
+
+    return launch_ray(nproc=args.nproc, cmd=cmd, run_dir=run_dir, device=args.device, master_port=args.master_port,
+                      debug=args.debug)
+
+
+# -- config, data, export -------------------------------------------------------
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from tierlift.runtime.config import TrainConfig, render_config
+
+    sys.stdout.write(render_config(TrainConfig.load(args.file)))
+    return 0
+
+
+def _cmd_config_convert(args: argparse.Namespace) -> int:
+    from tierlift.runtime.deepspeed_compat import convert_file
+
+    text = convert_file(args.file, args.out, overwrite=args.overwrite)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from tierlift.runtime.data.prepare import prepare_cli
+
+    return prepare_cli(args.inputs, args.out, args.tokenizer, args.shard_tokens, args.eval_fraction, args.overwrite)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tierlift.runtime.export import export_safetensors
+
+    files = export_safetensors(args.path, args.out, dtype=args.dtype, show_progress=sys.stderr.isatty(),
+                               overwrite=args.overwrite)
+    print(f"wrote {len(files)} file(s) to {args.out}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug lives on every parser; SUPPRESS keeps a subparser from resetting
+    # a --debug given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+    p = argparse.ArgumentParser(prog="tierlift", parents=[common],
+                                description="Train models larger than GPU memory: ZeRO sharding tiered across "
+                                            "GPU, pinned host memory and NVMe.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", parents=[common], help="train from a config (YAML or DeepSpeed JSON)")
+    t.add_argument("config", metavar="CONFIG", help="tierlift YAML or DeepSpeed JSON")
+    t.add_argument("--nproc", type=_int_at_least(1), help="ranks (overrides run.nproc)")
+    t.add_argument("--backend", choices=["ray", "local"], help="launcher (overrides run.backend)")
+    t.add_argument("--steps", type=_int_at_least(1), help="optimizer steps (overrides train.max_steps)")
+    t.add_argument("--run-dir", help="run directory (overrides run.dir)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides run.device")
+    t.add_argument("--master-port", type=_PORT, help="rendezvous port, 0 = free one (overrides run.master_port)")
+    t.set_defaults(handler=_cmd_train)
+
+    la = sub.add_parser("launch", parents=[common], help="run a command on N ranks with torchrun's environment",
+                        usage="tierlift launch [--nproc N] [--backend {ray,local}] [--master-port P] "
+                              "[--run-dir DIR] [--device {auto,cpu,cuda}] -- CMD...")
+    la.add_argument("--nproc", type=_int_at_least(1), default=1, help="ranks (default 1)")
+    la.add_argument("--backend", choices=["ray", "local"], default="ray", help="launcher (default ray)")
+    la.add_argument("--master-port", type=_PORT, default=0, help="the command's MASTER_PORT (0 = a free one)")
+    la.add_argument("--run-dir", help="write logs/rank-N.log (and Ray's files) here")
+    la.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="ray backend: reserve one GPU per rank when cuda (auto: when one is visible)")
+    la.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after --")
+    la.set_defaults(handler=_cmd_launch)
+
+    c = sub.add_parser("config", parents=[common], help="show or convert configs")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cs = csub.add_parser("show", parents=[common], help="print the resolved config with every default")
+    cs.add_argument("file", metavar="FILE")
+    cs.set_defaults(handler=_cmd_config_show)
+    cc = csub.add_parser("convert", parents=[common], help="convert a DeepSpeed JSON config to tierlift YAML")
+    cc.add_argument("file", metavar="DS_JSON")
+    cc.add_argument("--out", help="write here instead of stdout")
+    cc.add_argument("--overwrite", action="store_true")
+    cc.set_defaults(handler=_cmd_config_convert)
+
+    d = sub.add_parser("data", parents=[common], help="prepare datasets")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dp = dsub.add_parser("prepare", parents=[common], help="tokenize text files into Parquet token shards")
+    dp.add_argument("inputs", nargs="+", metavar="TEXT", help=".txt/.md/.jsonl files or directories")
+    dp.add_argument("--out", required=True, help="output directory (new or empty)")
+    dp.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer.json")
+    dp.add_argument("--shard-tokens", type=_int_at_least(1), default=1 << 24, help="tokens per shard file")
+    dp.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval")
+    dp.add_argument("--overwrite", action="store_true")
+    dp.set_defaults(handler=_cmd_data_prepare)
+
+    e = sub.add_parser("export", parents=[common], help="export a checkpoint's weights as safetensors")
+    e.add_argument("path", metavar="RUN_OR_CKPT", help="a run dir (newest checkpoint) or one checkpoint dir")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(handler=_cmd_export)
+    return p
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """For ``launch``: the tierlift options before ``--`` and the command after it.
+
+    Done by hand because argparse's handling of "--" with REMAINDER differs
+    between Python versions (3.11 here, 3.12 on the GPU machines)."""
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    if words and argv[words[0]] == "launch" and "--" in argv[words[0]:]:
+        i = argv.index("--", words[0])
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head, cmd = _split_command(argv)
+    try:
+        args = build_parser().parse_args(head)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    debug = args.debug = getattr(args, "debug", False)
+    if cmd is not None:
+        if args.cmd:
+            print("tierlift: error: give the command either after -- or without it, not both.", file=sys.stderr)
+            return 2
+        args.cmd = cmd
+    try:
+        return int(args.handler(args) or 0)
+    except TierliftError as exc:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"tierlift: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tierlift: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
