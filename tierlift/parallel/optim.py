@@ -39,11 +39,17 @@ class ShardOptimizer:
     (``exp_avg``/``exp_avg_sq`` for AdamW, ``momentum`` for SGD)."""
 
     def __init__(self, cfg: OptimizerConfig, masters: list[torch.Tensor], grads: list[torch.Tensor],
-                 segments: list[list[Segment]], sub_group_size: int = 0) -> None:
+                 segments: list[list[Segment]], sub_group_size: int = 0,
+                 states: list[dict[str, torch.Tensor]] | None = None, step_count: int = 0) -> None:
+        """``states``: existing per-chunk state buffers (host/NVMe staging); default zeros.
+        ``step_count``: optimizer steps already taken (bias correction)."""
         self.cfg = cfg
         self.kinds = ("exp_avg", "exp_avg_sq") if cfg.name == "adamw" else ("momentum",)
-        self.state = {k: [torch.zeros_like(m) for m in masters] for k in self.kinds}
-        self.step_count = 0
+        if states is None:
+            self.state = {k: [torch.zeros_like(m) for m in masters] for k in self.kinds}
+        else:
+            self.state = {k: [st[k] for st in states] for k in self.kinds}
+        self.step_count = step_count
         # Groups of views built once (buffers are persistent), split by weight decay and
         # into sub-groups of at most sub_group_size elements (0 = no limit): one fused
         # call per sub-group bounds the kernel's working set (DeepSpeed's sub_group_size).
@@ -61,7 +67,7 @@ class ShardOptimizer:
                 for k in self.kinds:
                     g.states.setdefault(k, []).append(self.state[k][ci][s.shard_lo:s.shard_hi])
                 # fused AdamW takes one step tensor per tensor it updates.
-                g.steps.append(torch.zeros((), dtype=torch.float32, device=masters[ci].device))
+                g.steps.append(torch.full((), float(step_count), dtype=torch.float32, device=masters[ci].device))
 
     @torch.no_grad()
     def step(self, lr: float) -> None:

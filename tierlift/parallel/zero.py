@@ -64,7 +64,8 @@ class Phase(enum.Enum):
 class _RuntimeChunk:
     """One chunk on this rank: shards, gathered buffer, residency, pending work."""
 
-    def __init__(self, spec, unit: UnitModule, rank: int, device: torch.device, compute_dtype: torch.dtype) -> None:
+    def __init__(self, spec, unit: UnitModule, rank: int, device: torch.device, compute_dtype: torch.dtype,
+                 host_optimizer: bool = False, host_params: bool = False) -> None:
         self.spec = spec
         self.unit = unit
         by_name = dict(unit.params)
@@ -74,11 +75,19 @@ class _RuntimeChunk:
             flat = torch.zeros(spec.padded_numel, dtype=torch.float32)
             for slot, p in zip(spec.params, self.params):
                 flat[slot.offset:slot.end].copy_(p.detach().reshape(-1).to(torch.float32))
-            self.master = flat[lo:hi].to(device).clone()
-            self.grad = torch.zeros_like(self.master)
+            # With the optimizer offloaded the fp32 master/grad live on the host
+            # (OffloadedOptimizer takes ``master`` and the device keeps neither).
+            self.master = flat[lo:hi].clone() if host_optimizer else flat[lo:hi].to(device).clone()
+            self.grad = None if host_optimizer else torch.zeros_like(self.master)
             self.full = flat.to(device=device, dtype=compute_dtype)
             del flat
-        self.compute_shard = self.master if compute_dtype == torch.float32 else self.master.to(compute_dtype)
+        if host_params:
+            self.compute_shard = None  # bf16 shard on the host; copied in for each gather
+        elif compute_dtype == torch.float32 and not host_optimizer:
+            self.compute_shard = self.master
+        else:
+            self.compute_shard = self.master.to(device=device, dtype=compute_dtype)
+        self.stale = False  # host optimizer stepped: the device copy must be refreshed before use
         self.state = Residency.GATHERED
         self.work = None
         self.bytes = self.full.numel() * self.full.element_size()
@@ -131,7 +140,16 @@ class ZeroEngine:
     """Shards ``model`` (already built identically on every rank) over the default group."""
 
     def __init__(self, model: nn.Module, zero: ZeroConfig, precision: PrecisionConfig, optim: OptimizerConfig,
-                 device: torch.device, activation_checkpointing: bool = False) -> None:
+                 device: torch.device, activation_checkpointing: bool = False, offload=None) -> None:
+        from tierlift.offload.policy import NoOffload, OffloadConfig
+        self.offload = offload or OffloadConfig()
+        host_opt = not isinstance(self.offload.optimizer, NoOffload)
+        host_params = not isinstance(self.offload.param, NoOffload)
+        if host_params and not host_opt:
+            from tierlift.errors import ConfigError
+            raise ConfigError("offloading parameters needs the optimizer offloaded too.", setting="offload.param",
+                              value=type(self.offload.param).__name__,
+                              fix="set offload.optimizer to cpu or nvme as well.")
         self.model = model
         self.cfg = zero
         self.precision = precision
@@ -147,13 +165,27 @@ class ZeroEngine:
                                                zero.chunk_align_bytes, zero.persistence_threshold)
         unit_by_name = {u.name: u for u in self.units}
         self._move_buffers(model, device)
-        self.chunks = [_RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype)
+        self.chunks = [_RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype,
+                                     host_optimizer=host_opt, host_params=host_params)
                        for c in self.layout]
         self.root = next((c for c in self.chunks if c.spec.unit == ""), None)
         self.groups = self._make_groups()
-        self.optimizer = ShardOptimizer(optim, [c.master for c in self.chunks], [c.grad for c in self.chunks],
-                                        [c.spec.segments(self.rank) for c in self.chunks],
-                                        sub_group_size=zero.sub_group_size)
+        self.host_opt = None
+        if host_opt:
+            from tierlift.offload.optimizer import OffloadedOptimizer
+            deferred = optim.grad_clip > 0 or precision.compute == "fp16"
+            self.host_opt = OffloadedOptimizer(list(self.layout), self.rank, [c.master for c in self.chunks], optim,
+                                               self.offload, self.compute_dtype, device, deferred=deferred)
+            for c in self.chunks:
+                c.master = None  # the host optimizer owns it now
+            self.optimizer = None
+        else:
+            self.optimizer = ShardOptimizer(optim, [c.master for c in self.chunks], [c.grad for c in self.chunks],
+                                            [c.spec.segments(self.rank) for c in self.chunks],
+                                            sub_group_size=zero.sub_group_size)
+        self._micro = 0        # micro-batch index inside the current optimizer step
+        self._last_micro = True
+        self._lr_set = None
         self.scaler = LossScaler(precision, enabled=precision.compute == "fp16")
         self.phase = Phase.IDLE
         self._fwd_order: list[int] = []  # group order recorded on the previous micro-batch
@@ -202,11 +234,25 @@ class ZeroEngine:
                 continue
             c.transition(Residency.GATHERING)
             c.full.untyped_storage().resize_(c.bytes)
+            shard = self._shard_for_gather(c)
             if self.world_size == 1:
-                c.full.copy_(c.compute_shard)
+                c.full.copy_(shard, non_blocking=True)
                 c.work = None
             else:
-                c.work = all_gather_flat(c.full, c.compute_shard, async_op=True)
+                c.work = all_gather_flat(c.full, shard, async_op=True)
+
+    def _shard_for_gather(self, c: _RuntimeChunk) -> torch.Tensor:
+        """This rank's compute-dtype shard on the device.  With the optimizer on the
+        host, wait for the chunk's step and copy its new parameters in (H2D from
+        pinned memory, non-blocking on the current stream)."""
+        if self.host_opt is None:
+            return c.compute_shard
+        if c.compute_shard is None:  # parameters live on the host: bring them in for this gather
+            return self.host_opt.wait_chunk(c.spec.index).to(self.device, non_blocking=True)
+        if c.stale:
+            c.compute_shard.copy_(self.host_opt.wait_chunk(c.spec.index), non_blocking=True)
+            c.stale = False
+        return c.compute_shard
 
     def _wait_gathered(self, g: _Group | _RuntimeChunk) -> None:
         self._issue_gather(g)
@@ -314,7 +360,7 @@ class ZeroEngine:
                 flat[slot.offset:slot.end].copy_(p.grad.reshape(-1))
                 p.grad = None
         if self.world_size == 1:
-            c.grad.add_(flat[: c.spec.shard_numel].to(torch.float32))
+            self._land(c, flat[: c.spec.shard_numel])
             return
         out = torch.empty(c.spec.shard_numel, dtype=self.reduce_dtype, device=self.device)
         work = reduce_scatter_flat(out, flat, async_op=True)
@@ -326,7 +372,15 @@ class ZeroEngine:
     def _finish_one(self) -> None:
         c, work, out, _flat = self._pending.pop(0)
         work.wait()
-        c.grad.add_(out.to(torch.float32).div_(self.world_size))
+        self._land(c, out.div_(self.world_size))
+
+    def _land(self, c: _RuntimeChunk, shard_grad: torch.Tensor) -> None:
+        """An averaged gradient shard is final for this micro-batch: accumulate it."""
+        if self.host_opt is not None:
+            first = self._micro == 0 or self.cfg.stage == 1  # stage 1 reduces once per step
+            self.host_opt.accept_grad(c.spec.index, shard_grad, first_micro=first, last_micro=self._last_micro)
+        else:
+            c.grad.add_(shard_grad.to(torch.float32))
 
     # -- public step API -----------------------------------------------------
     def forward_begin(self) -> None:
@@ -356,6 +410,7 @@ class ZeroEngine:
                 if g.index not in ran and not g.persistent and not self._is_sharded(g):
                     self._reshard(g)
         self.phase = Phase.BACKWARD
+        self._last_micro = sync_grads
         try:
             (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
             # Groups whose post-backward did not fire (inputs without grad, unused units),
@@ -371,6 +426,15 @@ class ZeroEngine:
                 self._finish_one()
         finally:
             self.phase = Phase.IDLE
+            self._micro = 0 if sync_grads else self._micro + 1
+
+    def begin_step(self, lr: float) -> None:
+        """The learning rate of the optimizer step about to be computed.  With the
+        optimizer on the host and no clipping, chunks step as their gradients land
+        during backward, so they need it before ``step``."""
+        self._lr_set = lr
+        if self.host_opt is not None:
+            self.host_opt.begin_step(lr)
 
     def forward_end_eval(self) -> None:
         """After a no-grad forward (evaluation)."""
@@ -379,6 +443,8 @@ class ZeroEngine:
     @torch.no_grad()
     def step(self, lr: float) -> StepStats:
         """Unscale (fp16), clip to the exact global norm, step the shards, refresh params."""
+        if self.host_opt is not None:
+            return self._step_host(lr)
         grads = [c.grad for c in self.chunks]
         if self.scaler.enabled:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
@@ -396,15 +462,58 @@ class ZeroEngine:
         torch._foreach_zero_(grads)
         return stats
 
+    def _step_host(self, lr: float) -> StepStats:
+        """Offloaded optimizer: one all-reduce of the squared norm (CPU tensor: gloo),
+        then the deferred steps are queued in the next forward's order; immediate
+        steps already ran while backward was going on."""
+        opt = self.host_opt
+        if not opt.deferred and self._lr_set != lr:
+            raise RuntimeError(f"[rank {self.rank}] with the optimizer offloaded and no clipping, call "
+                               f"begin_step({lr}) before the step's backward (got {self._lr_set}).")
+        self._lr_set = None
+        sq = torch.tensor([sum(opt.flush_grads())], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(sq)
+        scale = self.scaler.scale if self.scaler.enabled else 1.0
+        norm_f = math.sqrt(float(sq)) / scale
+        overflow = self.scaler.enabled and not math.isfinite(norm_f)
+        stats = StepStats(grad_norm=norm_f, skipped=overflow, loss_scale=self.scaler.scale)
+        self.scaler.update(overflow)
+        if overflow:
+            opt.skip_step()
+            return stats
+        if opt.deferred:
+            clip = self.optim_cfg.grad_clip
+            coef = min(1.0, clip / (norm_f + 1e-6)) if clip > 0 else 1.0
+            opt.step_deferred(lr, coef / scale, self._step_order())
+        opt.finish_step()
+        for c in self.chunks:
+            c.stale = True
+        self.refresh_params()
+        return stats
+
+    def _step_order(self) -> list[int]:
+        """Chunks in the order the next forward needs them: root, then units."""
+        order = [self.root.spec.index] if self.root is not None else []
+        seen = set(order)
+        for gi in self._fwd_order or range(len(self.groups)):
+            for c in self.groups[gi].chunks:
+                if c.spec.index not in seen:
+                    order.append(c.spec.index)
+                    seen.add(c.spec.index)
+        order += [c.spec.index for c in self.chunks if c.spec.index not in seen]
+        return order
+
     @torch.no_grad()
     def refresh_params(self) -> None:
         """Recompute compute-dtype shards from the masters; re-gather what stays gathered
         (stages 1–2, the root, persistent chunks).  Stage-3 units gather lazily."""
         keep = [c for c in self.chunks
                 if self.cfg.stage < 3 or c.spec.persistent or c is self.root]
-        for c in self.chunks:
-            if c.compute_shard is not c.master:
-                c.compute_shard.copy_(c.master)
+        if self.host_opt is None:
+            for c in self.chunks:
+                if c.compute_shard is not c.master:
+                    c.compute_shard.copy_(c.master)
         for c in keep:
             if c.state is Residency.GATHERED:
                 c.transition(Residency.SHARDED)  # contents stale; storage is reused in place
@@ -417,7 +526,7 @@ class ZeroEngine:
         """debug_sync: this rank's slice of the gathered buffer is its own shard, and
         the gathered buffer is bit-identical across ranks (compared by checksum)."""
         lo, hi = c.spec.shard_range(self.rank)
-        if not torch.equal(c.full[lo:hi], c.compute_shard):
+        if c.compute_shard is not None and not torch.equal(c.full[lo:hi], c.compute_shard):
             raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
                                f"does not hold this rank's shard at [{lo}, {hi}).")
         s = c.full.double().sum().reshape(1)
@@ -432,11 +541,12 @@ class ZeroEngine:
         """Consolidated fp32 parameters on CPU (all ranks take part; rank 0 returns them)."""
         out: dict[str, torch.Tensor] = {}
         for c in self.chunks:
-            full = torch.empty(c.spec.padded_numel, dtype=torch.float32, device=self.device)
+            master = self._master_of(c)
+            full = torch.empty(c.spec.padded_numel, dtype=torch.float32, device=master.device)
             if self.world_size > 1:
-                all_gather_flat(full, c.master)
+                all_gather_flat(full, master)
             else:
-                full.copy_(c.master)
+                full.copy_(master)
             if self.rank == 0 or not to_rank0:
                 cpu = full.cpu()
                 for slot in c.spec.params:
@@ -457,27 +567,59 @@ class ZeroEngine:
         return out
 
     # -- checkpoint contract (docs/CONTRACTS.md) -------------------------------
+    def close(self) -> None:
+        """Stop the host optimizer's worker, close NVMe files and release pinned memory."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.host_opt is not None:
+            self.host_opt.close()
+
+    def _master_of(self, c: _RuntimeChunk) -> torch.Tensor:
+        return c.master if self.host_opt is None else self.host_opt.chunk_state(c.spec.index)[0]
+
+    def _chunk_state(self, c: _RuntimeChunk) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.host_opt is not None:
+            return self.host_opt.chunk_state(c.spec.index)
+        i = c.spec.index
+        return c.master, {k: self.optimizer.state[k][i] for k in self.optimizer.kinds}
+
     def state_segments(self) -> list:
-        """This rank's pieces of every parameter with their fp32 state, as writable views."""
+        """This rank's pieces of every parameter with their fp32 state, as writable views.
+        NVMe-tier chunks are read into host buffers for the call (see docs/offload.md);
+        ``load_extra_state`` writes loaded values back to their tier."""
         from tierlift.runtime.checkpoint import StateSegment
         out = []
+        self._loaded = []
         for c in self.chunks:
-            i = c.spec.index
+            master, states = self._chunk_state(c)
+            self._loaded.append((c, master, states))
             for s in c.spec.segments(self.rank):
-                tensors = {"param": c.master[s.shard_lo:s.shard_hi]}
-                for kind in self.optimizer.kinds:
-                    tensors[kind] = self.optimizer.state[kind][i][s.shard_lo:s.shard_hi]
+                tensors = {"param": master[s.shard_lo:s.shard_hi]}
+                for kind, buf in states.items():
+                    tensors[kind] = buf[s.shard_lo:s.shard_hi]
                 out.append(StateSegment(s.param.name, s.param.shape, s.param_lo, s.param_hi, tensors))
         return out
 
+    @property
+    def step_count(self) -> int:
+        return (self.host_opt or self.optimizer).step_count
+
     def extra_state(self) -> dict:
-        return {"optimizer": self.optim_cfg.name, "optimizer_step": self.optimizer.step_count,
+        return {"optimizer": self.optim_cfg.name, "optimizer_step": self.step_count,
                 "loss_scaler": self.scaler.state_dict()}
 
     def load_extra_state(self, d: dict) -> None:
-        """After the segments were filled from a checkpoint: restore counters and
-        rebuild compute-dtype parameters from the loaded masters."""
-        self.optimizer.step_count = int(d["optimizer_step"])
-        self.optimizer.sync_step_tensors()
+        """After the segments were filled from a checkpoint: restore counters, store
+        offloaded state back to its tier and rebuild compute-dtype parameters."""
+        if self.host_opt is not None:
+            self.host_opt.step_count = int(d["optimizer_step"])
+            for c, master, states in getattr(self, "_loaded", []):
+                self.host_opt.commit_chunk_state(c.spec.index, master, states)
+                c.stale = True
+        else:
+            self.optimizer.step_count = int(d["optimizer_step"])
+            self.optimizer.sync_step_tensors()
+        self._loaded = []
         self.scaler.load_state_dict(d["loss_scaler"])
         self.refresh_params()

@@ -84,7 +84,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)  # dropout etc. differ per rank; weights come from the model
         self.model = model
         self.engine = ZeroEngine(model, cfg.zero, cfg.precision, cfg.optimizer, self.device,
-                                 activation_checkpointing=cfg.train.activation_checkpointing)
+                                 activation_checkpointing=cfg.train.activation_checkpointing, offload=cfg.offload)
         self.step = 0
         self.train_data = train_data
         self.eval_data = eval_data
@@ -113,6 +113,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = 0
         self.model.train()
+        self.engine.begin_step(lr)
         for a, batch in enumerate(micro):
             batch = self._to_device(batch)
             tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
@@ -153,6 +154,8 @@ class Trainer:
                 m = self.train_step()
                 self._sync()
                 dt = time.perf_counter() - t0
+                if self.engine.host_opt is not None:
+                    self.memory.pinned_bytes = self.engine.host_opt.pinned_bytes
                 mem = self.memory.sample()
                 tps = m["tokens"] / dt if dt > 0 else 0.0
                 summary.losses.append(m["loss"])

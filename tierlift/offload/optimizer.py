@@ -1,0 +1,377 @@
+"""The offloaded optimizer: fp32 master, gradient and AdamW/SGD state of every chunk
+live in host memory (pinned slabs) or on NVMe, and each chunk steps on the CPU as
+soon as its gradient shard reaches the host.
+
+Two modes, both exact:
+
+- **immediate** (no clipping, no fp16 overflow check): a chunk's step runs in the
+  worker thread the moment its last micro-batch gradient lands, overlapping the
+  rest of backward (DeepSpeed serialises the optimizer after backward).
+- **deferred** (``grad_clip > 0`` or fp16): the global norm needs every gradient
+  first; the worker keeps each chunk's squared norm as it lands, ``step`` does one
+  all-reduce, then steps chunks in the *next forward's* order, so the step of chunk
+  i overlaps the forward of the units before it.  Exactness comes for free: no
+  rollback, no second backward.
+
+NVMe-resident chunks pipeline read(i+1) / step(i) / write(i-1): reads are issued
+when a chunk is queued, at most ``buffer_count`` chunks hold staging buffers, and
+writes complete in the background (the chunk's next read waits for them).
+
+Sync points: ``accept_grad`` records a CUDA event after the D2H copy; the worker
+waits on it before touching the host buffer.  ``wait_chunk(i)`` blocks the caller
+until chunk i's step (and its compute-dtype copy) is done; the engine calls it
+before it copies the chunk's parameters back to the GPU.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from tierlift.offload.policy import CPUOffload, NVMeOffload, OffloadConfig
+from tierlift.parallel.config import OptimizerConfig
+from tierlift.parallel.layout import Chunk
+from tierlift.parallel.optim import ShardOptimizer
+
+__all__ = ["OffloadedOptimizer", "Tier"]
+
+
+class Tier(enum.Enum):
+    HOST = "host"
+    NVME = "nvme"
+
+
+class _ChunkPhase(enum.Enum):
+    IDLE = "idle"          # state at rest in its tier, parameters current
+    GRAD = "grad"          # gradient of this step landing / landed
+    STEPPING = "stepping"  # queued or running in the worker
+    # back to IDLE when the step and the compute-dtype copy are done
+
+
+@dataclass
+class _HostChunk:
+    index: int
+    tier: Tier
+    shard_numel: int
+    grad: torch.Tensor           # fp32, host
+    param16: torch.Tensor        # compute dtype, host: what goes back to the GPU
+    master: torch.Tensor | None  # fp32 host (None when on NVMe)
+    states: dict[str, torch.Tensor]
+    done: threading.Event
+    phase: _ChunkPhase = _ChunkPhase.IDLE
+    sumsq: float = 0.0
+    micro: int = 0
+
+
+class OffloadedOptimizer:
+    """Host/NVMe-resident shard optimizer driven by a worker thread."""
+
+    def __init__(self, chunks: list[Chunk], rank: int, masters: list[torch.Tensor], optim: OptimizerConfig,
+                 offload: OffloadConfig, compute_dtype: torch.dtype, device: torch.device,
+                 deferred: bool) -> None:
+        self.optim_cfg = optim
+        self.kinds = ("exp_avg", "exp_avg_sq") if optim.name == "adamw" else ("momentum",)
+        self.device = device
+        self.deferred = deferred
+        self.compute_dtype = compute_dtype
+        policy = offload.optimizer
+        self.policy = policy
+        self.pool = None
+        self.nvme = None
+        self.policy_buffer_count = max(2, getattr(policy, "buffer_count", 2))
+        self._free_sets, self._inflight_writes = [], []
+        pin = device.type == "cuda" and getattr(policy, "pin_memory", True)
+        tiers = self._place(chunks, policy)
+        host_bytes = sum(self._host_bytes(c, t) for c, t in zip(chunks, tiers))
+        if pin:
+            from tierlift.offload.pinned import PinnedPool
+            self.pool = PinnedPool(offload.host_budget_bytes, device=device)
+        self.chunks: list[_HostChunk] = []
+        for c, tier, m in zip(chunks, tiers, masters):
+            n = c.shard_numel
+            bufs = self._alloc([n * 4, n * compute_dtype.itemsize]
+                               + ([n * 4] * (1 + len(self.kinds)) if tier is Tier.HOST else []))
+            grad = bufs[0].view(torch.float32)
+            param16 = bufs[1].view(compute_dtype)
+            master, states = None, {}
+            if tier is Tier.HOST:
+                master = bufs[2].view(torch.float32)
+                master.copy_(m)
+                states = {k: b.view(torch.float32).zero_() for k, b in zip(self.kinds, bufs[3:])}
+            param16.copy_(m)
+            grad.zero_()
+            done = threading.Event()
+            done.set()
+            self.chunks.append(_HostChunk(c.index, tier, n, grad, param16, master, states, done))
+        self.segments = [c.segments(rank) for c in chunks]
+        self.host_bytes = host_bytes
+        if any(t is Tier.NVME for t in tiers):
+            self._open_nvme(chunks, tiers, masters, rank)
+        self.step_count = 0
+        self._lr = 0.0
+        self._errors: list[BaseException] = []
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._loop, name=f"tierlift-hostopt-r{rank}", daemon=True)
+        self._worker.start()
+        if device.type == "cuda":
+            self._d2h = torch.cuda.Stream(device)
+
+    # -- placement -------------------------------------------------------------
+    def _place(self, chunks: list[Chunk], policy) -> list[Tier]:
+        if isinstance(policy, CPUOffload):
+            return [Tier.HOST] * len(chunks)
+        assert isinstance(policy, NVMeOffload)
+        budget = policy.max_in_cpu  # elements whose state may stay in host memory
+        tiers = []
+        for c in chunks:
+            if budget >= c.shard_numel:
+                budget -= c.shard_numel
+                tiers.append(Tier.HOST)
+            else:
+                tiers.append(Tier.NVME)
+        return tiers
+
+    def _host_bytes(self, c: Chunk, tier: Tier) -> int:
+        n = c.shard_numel
+        return n * (4 + self.compute_dtype.itemsize) + (n * 4 * (1 + len(self.kinds)) if tier is Tier.HOST else 0)
+
+    def _alloc(self, sizes: list[int]) -> list[torch.Tensor]:
+        if self.pool is not None:
+            return [r.view(torch.uint8) for r in self.pool.carve(sizes)]
+        from tierlift.offload.nvme import aligned_empty  # 4 KiB aligned: O_DIRECT straight into them
+        return [aligned_empty(s) for s in sizes]
+
+    def _open_nvme(self, chunks, tiers, masters, rank) -> None:
+        from tierlift.offload.extents import plan_extents
+        from tierlift.offload.nvme import NVMeFile
+        items = [((c.index, k), c.shard_numel * 4) for c, t in zip(chunks, tiers) if t is Tier.NVME
+                 for k in ("master",) + self.kinds]
+        plan = plan_extents(items)
+        self.nvme = NVMeFile(self.policy.path, rank, plan, self.policy.aio, setting="offload.optimizer.path")
+        n_max = max(c.shard_numel for c, t in zip(chunks, tiers) if t is Tier.NVME)
+        self._free_sets = [self._alloc([n_max * 4] * (1 + len(self.kinds)))
+                           for _ in range(self.policy_buffer_count)]
+        self._inflight_writes: list = []
+        # Initial state: master from the model, zero moments.
+        bufs = self._free_sets[-1]
+        for c, t, m in zip(chunks, tiers, masters):
+            if t is not Tier.NVME:
+                continue
+            n = c.shard_numel
+            views = [b.view(torch.float32)[:n] for b in bufs]
+            views[0].copy_(m)
+            for v in views[1:]:
+                v.zero_()
+            for h in [self.nvme.write((c.index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
+                h.wait()
+
+    # -- gradients arrive ----------------------------------------------------------
+    def accept_grad(self, index: int, shard_grad: torch.Tensor, first_micro: bool, last_micro: bool) -> None:
+        """Hand chunk ``index``'s averaged gradient shard (device, any float dtype) to the host.
+        Returns at once; on GPU the copy runs on the D2H stream, guarded by an event."""
+        hc = self.chunks[index]
+        if first_micro:
+            hc.done.wait()  # this chunk's previous step must be done before its grad buffer is reused
+            self._raise()
+            hc.phase = _ChunkPhase.GRAD
+        event = None
+        if shard_grad.device.type == "cuda":
+            staging = torch.empty(shard_grad.shape, dtype=shard_grad.dtype, pin_memory=True)
+            stream = self._d2h
+            stream.wait_stream(torch.cuda.current_stream(shard_grad.device))
+            with torch.cuda.stream(stream):
+                staging.copy_(shard_grad, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            shard_grad.record_stream(stream)  # the device buffer outlives the copy
+            shard_grad = staging
+        hc.done.clear()
+        self._q.put(("grad", (index, shard_grad, event, first_micro, last_micro)))
+
+    # -- the step ----------------------------------------------------------------
+    def flush_grads(self) -> list[float]:
+        """Wait until every queued gradient landed; per-chunk squared norms (fp64)."""
+        ev = threading.Event()
+        self._q.put(("barrier", ev))
+        ev.wait()
+        self._raise()
+        return [hc.sumsq for hc in self.chunks]
+
+    def step_deferred(self, lr: float, coef: float, order: list[int]) -> None:
+        """Queue every chunk's step in ``order`` (the next forward's), gradients scaled by ``coef``."""
+        for i in order:
+            self.chunks[i].phase = _ChunkPhase.STEPPING
+            self.chunks[i].done.clear()
+        # The step count travels with the request: finish_step() bumps it before the worker runs.
+        self._q.put(("steps", (list(order), lr, coef, self.step_count)))
+
+    def skip_step(self) -> None:
+        """fp16 overflow: drop this step's gradients on every chunk."""
+        for hc in self.chunks:
+            hc.grad.zero_()
+            hc.sumsq = 0.0
+            hc.phase = _ChunkPhase.IDLE
+
+    def wait_chunk(self, index: int) -> torch.Tensor:
+        """Block until chunk ``index`` stepped; its parameters in the compute dtype (host)."""
+        hc = self.chunks[index]
+        hc.done.wait()
+        self._raise()
+        return hc.param16
+
+    def wait_all(self) -> None:
+        for hc in self.chunks:
+            hc.done.wait()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._errors:
+            raise self._errors[0]
+
+    # -- the worker -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            op, payload = self._q.get()
+            try:
+                if op == "stop":
+                    self._drain_writes()
+                    return
+                if op == "barrier":
+                    self._drain_writes()
+                    payload.set()
+                elif op == "grad":
+                    self._land_grad(*payload)
+                elif op == "steps":
+                    self._run_steps(*payload)
+            except BaseException as exc:  # surfaced on the training thread at its next wait
+                self._errors.append(exc)
+                for hc in self.chunks:
+                    hc.done.set()
+                if op == "barrier":
+                    payload.set()
+
+    def _land_grad(self, i: int, grad: torch.Tensor, event, first: bool, last: bool) -> None:
+        hc = self.chunks[i]
+        if event is not None:
+            event.synchronize()
+        if first:
+            hc.grad.copy_(grad)
+        else:
+            hc.grad.add_(grad.to(torch.float32))
+        if last:  # the norm is wanted for clipping (deferred) and reported always
+            hc.sumsq = float(torch.linalg.vector_norm(hc.grad, dtype=torch.float64)) ** 2
+            if not self.deferred:
+                hc.phase = _ChunkPhase.STEPPING
+                self._run_steps([i], self._lr, 1.0, self.step_count)
+                return
+        hc.done.set()
+
+    # NVMe staging: a set is (master, *states) fp32 buffers.  Reads for the next
+    # chunks are issued before the current one steps; writes are left in flight and
+    # only waited for when their set is needed again (or the chunk is read again).
+    def _acquire_set(self):
+        if self._free_sets:
+            return self._free_sets.pop()
+        bufs, handles, _ = self._inflight_writes.pop(0)
+        for h in handles:
+            h.wait()
+        return bufs
+
+    def _drain_writes(self) -> None:
+        while getattr(self, "_inflight_writes", None):
+            bufs, handles, _ = self._inflight_writes.pop(0)
+            for h in handles:
+                h.wait()
+            self._free_sets.append(bufs)
+
+    def _issue_reads(self, i: int):
+        hc = self.chunks[i]
+        for k, (bufs, handles, idx) in enumerate(list(self._inflight_writes)):
+            if idx == i:  # read-after-write of the same extents
+                for h in handles:
+                    h.wait()
+                self._inflight_writes.remove((bufs, handles, idx))
+                self._free_sets.append(bufs)
+        bufs = self._acquire_set()
+        views = [b.view(torch.float32)[:hc.shard_numel] for b in bufs]
+        handles = [self.nvme.read((i, k), v) for k, v in zip(("master",) + self.kinds, views)]
+        return bufs, views, handles
+
+    @torch.no_grad()
+    def _run_steps(self, order: list[int], lr: float, coef: float, step_count: int) -> None:
+        nvme_order = [i for i in order if self.chunks[i].tier is Tier.NVME]
+        reads: dict[int, tuple] = {}
+        lookahead = max(1, self.policy_buffer_count - 1)
+        for i in order:
+            hc = self.chunks[i]
+            if hc.tier is Tier.NVME:
+                pos = nvme_order.index(i)
+                for j in nvme_order[pos:pos + lookahead]:
+                    if j not in reads:
+                        reads[j] = self._issue_reads(j)
+                bufs, views, handles = reads.pop(i)
+                for h in handles:
+                    h.wait()
+                master, states = views[0], dict(zip(self.kinds, views[1:]))
+            else:
+                master, states = hc.master, hc.states
+            if coef != 1.0:
+                hc.grad.mul_(coef)
+            ShardOptimizer(self.optim_cfg, [master], [hc.grad], [self.segments[i]], states=[states],
+                           step_count=step_count).step(lr)
+            hc.param16.copy_(master)
+            hc.grad.zero_()
+            if hc.tier is Tier.NVME:
+                writes = [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]
+                self._inflight_writes.append((bufs, writes, i))
+            hc.phase = _ChunkPhase.IDLE
+            hc.done.set()
+
+    # -- state access (checkpoints, consolidated weights) ----------------------------
+    def chunk_state(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """fp32 master and optimizer state of one chunk, as host tensors.  Host-tier
+        chunks give views of the live buffers; NVMe-tier chunks are read into fresh
+        buffers (write them back with ``commit_chunk_state`` after changing them)."""
+        self.wait_all()
+        hc = self.chunks[index]
+        if hc.tier is Tier.HOST:
+            return hc.master, hc.states
+        self._drain_writes()
+        from tierlift.offload.nvme import aligned_empty
+        views = [aligned_empty(hc.shard_numel * 4).view(torch.float32) for _ in range(1 + len(self.kinds))]
+        for h in [self.nvme.read((index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
+            h.wait()
+        return views[0], dict(zip(self.kinds, views[1:]))
+
+    def commit_chunk_state(self, index: int, master: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
+        """After ``master``/``states`` of a chunk were overwritten (checkpoint load): store
+        NVMe-tier state back to its extents and refresh the compute-dtype copy."""
+        hc = self.chunks[index]
+        if hc.tier is Tier.NVME:
+            views = [master] + [states[k] for k in self.kinds]
+            for h in [self.nvme.write((index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
+                h.wait()
+        hc.param16.copy_(master)
+
+    def begin_step(self, lr: float) -> None:
+        """The learning rate of the step whose gradients are about to arrive (immediate mode)."""
+        self._lr = lr
+
+    def finish_step(self) -> None:
+        self.step_count += 1
+
+    def close(self) -> None:
+        self._q.put(("stop", None))
+        self._worker.join(timeout=30)
+        if self.nvme is not None:
+            self.nvme.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.pool.stats().pinned_bytes if self.pool is not None else 0
