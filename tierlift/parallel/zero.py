@@ -150,6 +150,12 @@ class ZeroEngine:
             raise ConfigError("offloading parameters needs the optimizer offloaded too.", setting="offload.param",
                               value=type(self.offload.param).__name__,
                               fix="set offload.optimizer to cpu or nvme as well.")
+        from tierlift.offload.policy import NVMeOffload
+        if isinstance(self.offload.param, NVMeOffload):
+            from tierlift.errors import ConfigError
+            raise ConfigError("parameters on NVMe are not supported yet (optimizer state on NVMe is).",
+                              setting="offload.param.kind", value="nvme",
+                              fix="use offload.param: {kind: cpu} with offload.optimizer: {kind: nvme, ...}.")
         self.model = model
         self.cfg = zero
         self.precision = precision
