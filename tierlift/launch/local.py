@@ -56,16 +56,17 @@ def pump_lines(stream: IO[bytes], console: IO[str], prefix: str, log: IO[bytes] 
     try:
         while True:
             chunk = stream.read1(1 << 16)
-            if log is not None and chunk:
-                with log_lock or contextlib.nullcontext():
-                    log.write(chunk)
-                    log.flush()
             if not chunk:
                 segments, pending = ([pending] if pending else []), b""
             else:
                 *segments, pending = _SEGMENT_END.split(pending + chunk)
                 if segments and not pending and segments[-1].endswith(b"\r"):
                     pending = segments.pop()  # maybe the first half of "\r\n"
+            if segments and log is not None:
+                # Whole segments only: the rank's stdout and stderr share this file.
+                with log_lock or contextlib.nullcontext():
+                    log.write(b"".join(segments))
+                    log.flush()
             if segments:
                 text = "".join(prefix + seg.decode("utf-8", errors="replace") for seg in segments)
                 if not chunk and not text.endswith(("\n", "\r")):
