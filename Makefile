@@ -6,7 +6,7 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 # A CPU build of torch. On this workplace pip takes it from local disk; elsewhere PyPI.
 TORCH     ?= torch==2.13.0
-RUN_DIR   ?= runs/tiny-gpt
+RUN_DIR   ?= runs/tiny-gpt-$(shell date +%Y%m%d-%H%M%S)
 STEPS     ?= 300
 STAMP     := $(VENV)/.tierlift-installed
 
@@ -21,10 +21,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: configs/tiny-gpt.yaml (2 ranks, Ray on 127.0.0.1, ZeRO-3, CPU).
+# The main job: configs/tiny-gpt.yaml (2 ranks, Ray on 127.0.0.1, ZeRO-3, CPU), with the
+# optimizer state (fp32 master + AdamW moments) on the NVMe tier in a temporary directory.
 run: setup
+	@NVME=$$(mktemp -d -t tierlift-nvme-XXXXXX); \
 	$(BIN)/tierlift train configs/tiny-gpt.yaml --nproc 2 --backend ray --device cpu \
-	    --steps $(STEPS) --run-dir $(RUN_DIR)
+	    --steps $(STEPS) --run-dir $(RUN_DIR) \
+	    --set "offload.optimizer={kind: nvme, path: $$NVME}"; rc=$$?; \
+	rm -rf "$$NVME"; exit $$rc
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not gpu" --durations=15

@@ -67,11 +67,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run["dir"] = os.path.abspath(args.run_dir or run["dir"])
     if args.steps is not None:
         data["train"]["max_steps"] = args.steps
+    for item in args.set or []:
+        _apply_set(data, item)
     cfg = from_dict(TrainConfig, data)  # re-validated with the overrides applied
     run_dir = cfg.run.dir
     if args.resume and not _has_checkpoint(run_dir):
         raise LaunchError("has no complete checkpoint to resume from.", setting="--resume", value=run_dir,
                           fix="drop --resume to start fresh, or give the --run-dir of the run to continue.")
+    if not args.resume and _has_checkpoint(run_dir):
+        # A fresh run would interleave its checkpoints and metrics with the old run's.
+        raise LaunchError("already holds checkpoints of an earlier run.", setting="--run-dir", value=run_dir,
+                          fix="add --resume to continue it, or give a new --run-dir.")
     os.makedirs(run_dir, exist_ok=True)
     _write_text_atomic(os.path.join(run_dir, "config.yaml"), cfg.to_yaml())
     port_setting = "--master-port" if args.master_port is not None else "run.master_port"
@@ -81,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         os.environ["TIERLIFT_RUN_DIR"] = run_dir
         run_training(cfg.to_dict(), run_dir, resume=args.resume, max_steps=args.steps)
-        return 0
+        return _report_done(0, run_dir)
     if backend == "local":
         from tierlift.launch.local import launch_local
 
@@ -89,16 +95,58 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cmd += ["--resume"] if args.resume else []
         cmd += ["--max-steps", str(args.steps)] if args.steps is not None else []
         cmd += ["--debug"] if args.debug else []
-        return launch_local(cmd, n, log_dir=os.path.join(run_dir, "logs"), master_port=cfg.run.master_port,
-                            run_dir=run_dir, port_setting=port_setting)
+        return _report_done(launch_local(cmd, n, log_dir=os.path.join(run_dir, "logs"),
+                                         master_port=cfg.run.master_port, run_dir=run_dir,
+                                         port_setting=port_setting), run_dir)
     from tierlift.launch.ray_launcher import launch_ray
 
-    return launch_ray(nproc=n, run_dir=run_dir, target="tierlift.runtime.entry:run_training",
+    rc = launch_ray(nproc=n, run_dir=run_dir, target="tierlift.runtime.entry:run_training",
                       kwargs={"cfg_dict": cfg.to_dict(), "run_dir": run_dir, "resume": args.resume,
                               "max_steps": args.steps},
                       device=cfg.run.device, name=os.path.basename(run_dir.rstrip(os.sep)) or "tierlift",
                       master_port=cfg.run.master_port, port_setting=port_setting,
                       threads_per_rank=cfg.run.threads_per_rank, debug=args.debug)
+    return _report_done(rc, run_dir)
+
+
+def _report_done(rc: int, run_dir: str) -> int:
+    """One closing line from the run's summary.json (written by rank 0)."""
+    import json
+
+    path = os.path.join(run_dir, "summary.json")
+    if rc == 0 and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            s = json.load(f)
+        if s.get("losses"):
+            print(f"tierlift: trained to step {s['start_step'] + s['steps']} on {s['world_size']} rank(s): "
+                  f"loss {s['losses'][0]:.4f} -> {s['losses'][-1]:.4f}, {s['tokens_per_s']:,.0f} tokens/s; "
+                  f"run dir {run_dir}", file=sys.stderr)
+    return rc
+
+
+def _apply_set(data: dict, item: str) -> None:
+    """``--set a.b.c=VALUE``: VALUE is read as YAML (numbers, booleans, lists, mappings)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise LaunchError("must look like SECTION.KEY=VALUE.", setting="--set", value=item,
+                          fix="e.g. --set train.micro_batch_size=4 or --set offload.optimizer='{kind: cpu}'.")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise LaunchError(f"the value is not valid YAML ({exc}).", setting="--set", value=item,
+                          fix="quote the value for the shell, e.g. --set 'offload.optimizer={kind: cpu}'.") from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise LaunchError(f"{part!r} is not a config section.", setting="--set", value=item,
+                              fix="name a key inside a section, e.g. train.max_steps=100 "
+                                  "(see `tierlift config show CONFIG`).")
+        node = child
+    node[parts[-1]] = value  # unknown keys are caught when the config is re-validated
 
 
 # -- launch ---------------------------------------------------------------------
@@ -177,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides run.device")
     t.add_argument("--master-port", type=_PORT, help="rendezvous port, 0 = free one (overrides run.master_port)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key, value read as YAML (repeatable), "
+                        "e.g. --set 'offload.optimizer={kind: nvme, path: /tmp/nv}'")
     t.set_defaults(handler=_cmd_train)
 
     la = sub.add_parser("launch", parents=[common], help="run a command on N ranks with torchrun's environment",
@@ -219,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(handler=_cmd_export)
+
+    # Node and planning commands live in their own modules (tierlift/launch/cmd_*.py);
+    # each adds its subparser with `register(subparsers, common)`.
+    from tierlift.launch import cmd_doctor, cmd_plan, cmd_report
+    for mod in (cmd_plan, cmd_doctor, cmd_report):
+        mod.register(sub, common)
     return p
 
 

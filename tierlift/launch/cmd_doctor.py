@@ -1,0 +1,8 @@
+"""`tierlift doctor`: placeholder module, filled by the issue-5 work."""
+
+from __future__ import annotations
+
+
+def register(subparsers, common) -> None:
+    """Add the `doctor` subcommand (not registered until implemented)."""
+    return None
