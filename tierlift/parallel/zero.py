@@ -27,11 +27,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from tierlift.parallel.chunks import Group, PostBackward, Residency, RuntimeChunk
 from tierlift.parallel.comm import all_gather_flat, reduce_scatter_flat
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.parallel.layout import ChunkLayout, plan_chunks
 from tierlift.parallel.optim import LossScaler, ShardOptimizer, global_grad_norm
-from tierlift.parallel.units import UnitModule, apply_activation_checkpointing, default_wrap_classes, find_units
+from tierlift.parallel.zero_state import EngineStateMixin
+from tierlift.parallel.units import apply_activation_checkpointing, default_wrap_classes, find_units
 
 __all__ = ["ZeroEngine", "Residency", "StepStats"]
 
@@ -40,103 +42,17 @@ log = logging.getLogger("tierlift.zero")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Residency(enum.Enum):
-    """Where a chunk's gathered (compute-dtype) parameters are."""
-
-    SHARDED = "sharded"      # storage freed; only shards exist
-    GATHERING = "gathering"  # all-gather in flight into the storage
-    GATHERED = "gathered"    # storage holds the full parameters
-
-
-_ALLOWED = {
-    Residency.SHARDED: {Residency.GATHERING},
-    Residency.GATHERING: {Residency.GATHERED},
-    Residency.GATHERED: {Residency.SHARDED},
-}
-
-
 class Phase(enum.Enum):
     IDLE = "idle"
     FORWARD = "forward"
     BACKWARD = "backward"
 
 
-class _RuntimeChunk:
-    """One chunk on this rank: shards, gathered buffer, residency, pending work."""
-
-    def __init__(self, spec, unit: UnitModule, rank: int, device: torch.device, compute_dtype: torch.dtype,
-                 host_optimizer: bool = False, host_params: bool = False) -> None:
-        self.spec = spec
-        self.unit = unit
-        by_name = dict(unit.params)
-        self.params = [by_name[s.name] for s in spec.params]
-        lo, hi = spec.shard_range(rank)
-        with torch.no_grad():
-            flat = torch.zeros(spec.padded_numel, dtype=torch.float32)
-            for slot, p in zip(spec.params, self.params):
-                flat[slot.offset:slot.end].copy_(p.detach().reshape(-1).to(torch.float32))
-            # With the optimizer offloaded the fp32 master/grad live on the host
-            # (OffloadedOptimizer takes ``master`` and the device keeps neither).
-            self.master = flat[lo:hi].clone() if host_optimizer else flat[lo:hi].to(device).clone()
-            self.grad = None if host_optimizer else torch.zeros_like(self.master)
-            self.full = flat.to(device=device, dtype=compute_dtype)
-            del flat
-        if host_params:
-            self.compute_shard = None  # bf16 shard on the host; copied in for each gather
-        elif compute_dtype == torch.float32 and not host_optimizer:
-            self.compute_shard = self.master
-        else:
-            self.compute_shard = self.master.to(device=device, dtype=compute_dtype)
-        self.stale = False  # host optimizer stepped: the device copy must be refreshed before use
-        self.state = Residency.GATHERED
-        self.work = None
-        self.bytes = self.full.numel() * self.full.element_size()
-        for slot, p in zip(spec.params, self.params):
-            p.data = self.full[slot.offset:slot.end].view(slot.shape)
-
-    def transition(self, new: Residency) -> None:
-        assert new in _ALLOWED[self.state], f"chunk {self.spec.index} ({self.spec.unit!r}): {self.state} -> {new}"
-        self.state = new
-
-
 class StepStats(dict):
     """grad_norm (pre-clip), skipped (fp16 overflow), loss_scale."""
 
 
-class _Group:
-    """A top-level wrap unit and the chunks it carries (its own and its nested
-    units', e.g. MoE experts).  Collectives are issued per group, in the same order
-    on every rank, whatever data-dependent path runs inside the unit."""
-
-    def __init__(self, index: int, name: str, module: nn.Module, chunks: list[_RuntimeChunk]) -> None:
-        self.index = index
-        self.name = name
-        self.module = module
-        self.chunks = chunks
-        self.reduced = False
-        self.persistent = all(c.spec.persistent for c in chunks)
-
-    @property
-    def numel(self) -> int:
-        return sum(c.spec.padded_numel for c in self.chunks)
-
-
-class _PostBackward(torch.autograd.Function):
-    """Identity on a unit's inputs whose backward runs once the unit's whole
-    backward is done (AccumulateGrad nodes run first, so its grads are final)."""
-
-    @staticmethod
-    def forward(ctx, engine, group, *inputs):
-        ctx.engine, ctx.group = engine, group
-        return inputs if len(inputs) > 1 else inputs[0]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.engine._post_backward(ctx.group)
-        return (None, None) + grads
-
-
-class ZeroEngine:
+class ZeroEngine(EngineStateMixin):
     """Shards ``model`` (already built identically on every rank) over the default group."""
 
     def __init__(self, model: nn.Module, zero: ZeroConfig, precision: PrecisionConfig, optim: OptimizerConfig,
@@ -171,7 +87,7 @@ class ZeroEngine:
                                                zero.chunk_align_bytes, zero.persistence_threshold)
         unit_by_name = {u.name: u for u in self.units}
         self._move_buffers(model, device)
-        self.chunks = [_RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype,
+        self.chunks = [RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype,
                                      host_optimizer=host_opt, host_params=host_params)
                        for c in self.layout]
         self.root = next((c for c in self.chunks if c.spec.unit == ""), None)
@@ -197,7 +113,7 @@ class ZeroEngine:
         self._fwd_order: list[int] = []  # group order recorded on the previous micro-batch
         self._cur_order: list[int] = []
         self._bwd_order: list[int] = []
-        self._pending: list[tuple[_RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
         self.order_changes = 0
         if activation_checkpointing:
             apply_activation_checkpointing(self.units)
@@ -222,7 +138,7 @@ class ZeroEngine:
                 if buf is not None and buf.device != device:
                     mod._buffers[name] = buf.to(device)
 
-    def _make_groups(self) -> list[_Group]:
+    def _make_groups(self) -> list[Group]:
         names = [u.name for u in self.units if u.name]
         top = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
         modules = {u.name: u.module for u in self.units}
@@ -230,11 +146,11 @@ class ZeroEngine:
         for n in top:
             chunks = [c for c in self.chunks if c.spec.unit == n or c.spec.unit.startswith(n + ".")]
             if chunks:
-                groups.append(_Group(len(groups), n, modules[n], chunks))
+                groups.append(Group(len(groups), n, modules[n], chunks))
         return groups
 
     # -- residency -----------------------------------------------------------
-    def _issue_gather(self, g: _Group | _RuntimeChunk) -> None:
+    def _issue_gather(self, g: Group | RuntimeChunk) -> None:
         for c in getattr(g, "chunks", [g]):
             if c.state is not Residency.SHARDED:
                 continue
@@ -247,7 +163,7 @@ class ZeroEngine:
             else:
                 c.work = all_gather_flat(c.full, shard, async_op=True)
 
-    def _shard_for_gather(self, c: _RuntimeChunk) -> torch.Tensor:
+    def _shard_for_gather(self, c: RuntimeChunk) -> torch.Tensor:
         """This rank's compute-dtype shard on the device.  With the optimizer on the
         host, wait for the chunk's step and copy its new parameters in (H2D from
         pinned memory, non-blocking on the current stream)."""
@@ -260,7 +176,7 @@ class ZeroEngine:
             c.stale = False
         return c.compute_shard
 
-    def _wait_gathered(self, g: _Group | _RuntimeChunk) -> None:
+    def _wait_gathered(self, g: Group | RuntimeChunk) -> None:
         self._issue_gather(g)
         for c in getattr(g, "chunks", [g]):
             if c.state is Residency.GATHERING:
@@ -271,14 +187,14 @@ class ZeroEngine:
                 if self.cfg.debug_sync:
                     self._check_gathered(c)
 
-    def _reshard(self, g: _Group) -> None:
+    def _reshard(self, g: Group) -> None:
         self._wait_gathered(g)  # an in-flight gather must land before its storage goes
         for c in g.chunks:
             if not c.spec.persistent:
                 c.transition(Residency.SHARDED)
                 c.full.untyped_storage().resize_(0)
 
-    def _is_sharded(self, g: _Group) -> bool:
+    def _is_sharded(self, g: Group) -> bool:
         return any(c.state is Residency.SHARDED for c in g.chunks)
 
     def _live_numel(self) -> int:
@@ -302,7 +218,7 @@ class ZeroEngine:
                 self._issue_gather(g)
 
     # -- hooks ---------------------------------------------------------------
-    def _pre_forward(self, g: _Group, args, kwargs):
+    def _pre_forward(self, g: Group, args, kwargs):
         if self.phase is Phase.FORWARD:
             self._cur_order.append(g.index)
             pos = len(self._cur_order) - 1
@@ -315,14 +231,14 @@ class ZeroEngine:
             flat, spec = tree_flatten((args, kwargs))
             idx = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
             if idx:
-                outs = _PostBackward.apply(self, g, *[flat[i] for i in idx])
+                outs = PostBackward.apply(self, g, *[flat[i] for i in idx])
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 for i, t in zip(idx, outs):
                     flat[i] = t
                 return tree_unflatten(flat, spec)
         return None
 
-    def _post_forward(self, g: _Group, output):
+    def _post_forward(self, g: Group, output):
         if self.phase is not Phase.FORWARD:
             return None  # recomputation inside backward keeps the unit gathered for its backward
         if torch.is_grad_enabled():
@@ -341,12 +257,12 @@ class ZeroEngine:
             self._reshard(g)
         return None
 
-    def _pre_backward(self, g: _Group) -> None:
+    def _pre_backward(self, g: Group) -> None:
         self._wait_gathered(g)
         if g.index in self._bwd_order:
             self._prefetch(self._bwd_order, self._bwd_order.index(g.index))
 
-    def _post_backward(self, g: _Group) -> None:
+    def _post_backward(self, g: Group) -> None:
         if g.reduced:
             return
         g.reduced = True
@@ -357,7 +273,7 @@ class ZeroEngine:
             self._reshard(g)
 
     # -- gradients -----------------------------------------------------------
-    def _reduce_chunk(self, c: _RuntimeChunk) -> None:
+    def _reduce_chunk(self, c: RuntimeChunk) -> None:
         """Flatten the chunk's parameter grads (zeros where a parameter got none)
         and reduce-scatter them into the fp32 shard grad, averaged over ranks."""
         flat = torch.zeros(c.spec.padded_numel, dtype=self.reduce_dtype, device=self.device)
@@ -380,7 +296,7 @@ class ZeroEngine:
         work.wait()
         self._land(c, out.div_(self.world_size))
 
-    def _land(self, c: _RuntimeChunk, shard_grad: torch.Tensor) -> None:
+    def _land(self, c: RuntimeChunk, shard_grad: torch.Tensor) -> None:
         """An averaged gradient shard is final for this micro-batch: accumulate it."""
         if self.host_opt is not None:
             first = self._micro == 0 or self.cfg.stage == 1  # stage 1 reduces once per step
@@ -526,106 +442,3 @@ class ZeroEngine:
             self._issue_gather(c)
         for c in keep:
             self._wait_gathered(c)
-
-    # -- state ---------------------------------------------------------------
-    def _check_gathered(self, c: _RuntimeChunk) -> None:
-        """debug_sync: this rank's slice of the gathered buffer is its own shard, and
-        the gathered buffer is bit-identical across ranks (compared by checksum)."""
-        lo, hi = c.spec.shard_range(self.rank)
-        if c.compute_shard is not None and not torch.equal(c.full[lo:hi], c.compute_shard):
-            raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
-                               f"does not hold this rank's shard at [{lo}, {hi}).")
-        s = c.full.double().sum().reshape(1)
-        sums = [torch.zeros_like(s) for _ in range(self.world_size)]
-        dist.all_gather(sums, s) if self.world_size > 1 else sums.__setitem__(0, s)
-        if any(float(x) != float(s) for x in sums):
-            raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
-                               f"differs across ranks: {[float(x) for x in sums]}")
-
-    @torch.no_grad()
-    def full_state_dict(self, to_rank0: bool = True) -> dict[str, torch.Tensor]:
-        """Consolidated fp32 parameters on CPU (all ranks take part; rank 0 returns them)."""
-        out: dict[str, torch.Tensor] = {}
-        for c in self.chunks:
-            master = self._master_of(c)
-            full = torch.empty(c.spec.padded_numel, dtype=torch.float32, device=master.device)
-            if self.world_size > 1:
-                all_gather_flat(full, master)
-            else:
-                full.copy_(master)
-            if self.rank == 0 or not to_rank0:
-                cpu = full.cpu()
-                for slot in c.spec.params:
-                    out[slot.name] = cpu[slot.offset:slot.end].view(slot.shape).clone()
-        for alias, name in self.aliases().items():
-            if name in out:
-                out[alias] = out[name]
-        return out
-
-    def aliases(self) -> dict[str, str]:
-        """Tied parameters: every state_dict name that shares a stored parameter."""
-        canonical = {id(p): n for c in self.chunks for n, p in zip((s.name for s in c.spec.params), c.params)}
-        out = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            cn = canonical.get(id(p))
-            if cn is not None and cn != name:
-                out[name] = cn
-        return out
-
-    # -- checkpoint contract (docs/CONTRACTS.md) -------------------------------
-    def close(self) -> None:
-        """Stop the host optimizer's worker, close NVMe files and release pinned memory."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        if self.host_opt is not None:
-            self.host_opt.close()
-
-    def _master_of(self, c: _RuntimeChunk) -> torch.Tensor:
-        return c.master if self.host_opt is None else self.host_opt.chunk_state(c.spec.index)[0]
-
-    def _chunk_state(self, c: _RuntimeChunk) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.host_opt is not None:
-            return self.host_opt.chunk_state(c.spec.index)
-        i = c.spec.index
-        return c.master, {k: self.optimizer.state[k][i] for k in self.optimizer.kinds}
-
-    def state_segments(self) -> list:
-        """This rank's pieces of every parameter with their fp32 state, as writable views.
-        NVMe-tier chunks are read into host buffers for the call (see docs/offload.md);
-        ``load_extra_state`` writes loaded values back to their tier."""
-        from tierlift.runtime.checkpoint import StateSegment
-        out = []
-        self._loaded = []
-        for c in self.chunks:
-            master, states = self._chunk_state(c)
-            self._loaded.append((c, master, states))
-            for s in c.spec.segments(self.rank):
-                tensors = {"param": master[s.shard_lo:s.shard_hi]}
-                for kind, buf in states.items():
-                    tensors[kind] = buf[s.shard_lo:s.shard_hi]
-                out.append(StateSegment(s.param.name, s.param.shape, s.param_lo, s.param_hi, tensors))
-        return out
-
-    @property
-    def step_count(self) -> int:
-        return (self.host_opt or self.optimizer).step_count
-
-    def extra_state(self) -> dict:
-        return {"optimizer": self.optim_cfg.name, "optimizer_step": self.step_count,
-                "loss_scaler": self.scaler.state_dict()}
-
-    def load_extra_state(self, d: dict) -> None:
-        """After the segments were filled from a checkpoint: restore counters, store
-        offloaded state back to its tier and rebuild compute-dtype parameters."""
-        if self.host_opt is not None:
-            self.host_opt.step_count = int(d["optimizer_step"])
-            for c, master, states in getattr(self, "_loaded", []):
-                self.host_opt.commit_chunk_state(c.spec.index, master, states)
-                c.stale = True
-        else:
-            self.optimizer.step_count = int(d["optimizer_step"])
-            self.optimizer.sync_step_tensors()
-        self._loaded = []
-        self.scaler.load_state_dict(d["loss_scaler"])
-        self.refresh_params()
