@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,10 @@ class OffloadedOptimizer:
         self._lr = 0.0
         self._errors: list[BaseException] = []
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        # OpenMP thread counts are per OS thread: the worker must ask for the
+        # caller's count itself (under Ray, OMP_NUM_THREADS=1 would leave it serial).
+        self._threads = torch.get_num_threads()
+        self.busy = {"wait_d2h": 0.0, "grad": 0.0, "norm": 0.0, "step": 0.0, "cast": 0.0, "nvme_read": 0.0}
         self._worker = threading.Thread(target=self._loop, name=f"tierlift-hostopt-r{rank}", daemon=True)
         self._worker.start()
         if device.type == "cuda":
@@ -238,6 +243,7 @@ class OffloadedOptimizer:
 
     # -- the worker -----------------------------------------------------------------
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
         while True:
             op, payload = self._q.get()
             try:
@@ -260,17 +266,23 @@ class OffloadedOptimizer:
 
     def _land_grad(self, i: int, grad: torch.Tensor, event, first: bool, last: bool) -> None:
         hc = self.chunks[i]
+        t0 = time.perf_counter()
         if event is not None:
             event.synchronize()
+        t1 = time.perf_counter()
         if grad is None:
             pass  # already D2H'd into hc.grad
         elif first:
             hc.grad.copy_(grad)
         else:
             hc.grad.add_(grad.to(torch.float32))
+        t2 = time.perf_counter()
+        self.busy["wait_d2h"] += t1 - t0
+        self.busy["grad"] += t2 - t1
         if last:  # the norm is wanted for clipping (deferred) and reported always
             # fp32 reduction (as clip_grad_norm_ does): an fp64 upcast costs ~30x more on CPU.
             hc.sumsq = float(torch.linalg.vector_norm(hc.grad)) ** 2
+            self.busy["norm"] += time.perf_counter() - t2
             if not self.deferred:
                 hc.phase = _ChunkPhase.STEPPING
                 self._run_steps([i], self._lr, 1.0, self.step_count)
@@ -321,16 +333,22 @@ class OffloadedOptimizer:
                     if j not in reads:
                         reads[j] = self._issue_reads(j)
                 bufs, views, handles = reads.pop(i)
+                t0 = time.perf_counter()
                 for h in handles:
                     h.wait()
+                self.busy["nvme_read"] += time.perf_counter() - t0
                 master, states = views[0], dict(zip(self.kinds, views[1:]))
             else:
                 master, states = hc.master, hc.states
             if coef != 1.0:
                 hc.grad.mul_(coef)
+            t0 = time.perf_counter()
             ShardOptimizer(self.optim_cfg, [master], [hc.grad], [self.segments[i]], states=[states],
                            step_count=step_count).step(lr)
+            t1 = time.perf_counter()
             hc.param16.copy_(master)
+            self.busy["step"] += t1 - t0
+            self.busy["cast"] += time.perf_counter() - t1
             hc.grad.zero_()
             if hc.tier is Tier.NVME:
                 writes = [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]

@@ -28,6 +28,7 @@ from tierlift.parallel.zero import ZeroEngine
 from tierlift.runtime.config import TrainConfig, check_batch_sizes
 from tierlift.runtime.rundir import MemoryMeter, MetricsWriter, Progress, setup_logging, write_json_atomic
 from tierlift.runtime.schedule import lr_at
+from tierlift.system.telemetry import TelemetryConfig, TelemetrySampler
 
 __all__ = ["Trainer", "FitSummary"]
 
@@ -54,6 +55,7 @@ class FitSummary:
     peak_host_rss_bytes: int = 0
     pinned_bytes: int = 0
     world_size: int = 1
+    offload_busy_s: dict[str, float] = field(default_factory=dict)  # host optimizer worker time by phase
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +148,7 @@ class Trainer:
         summary = FitSummary(start_step=self.step, world_size=self.world_size)
         metrics = MetricsWriter(self.run_dir if self.rank == 0 else None)
         bar = Progress(total, self.step, enabled=self.rank == 0)
+        tele = self._telemetry().start()
         last_saved = None
         try:
             while self.step < total:
@@ -164,31 +167,49 @@ class Trainer:
                 summary.grad_norms.append(m["grad_norm"])
                 summary.tokens_per_step = int(m["tokens"])
                 row = {"step": self.step, **m, "step_time_s": dt, "tokens_per_s": tps, **mem}
+                if self.engine.host_opt is not None:  # cumulative seconds the CPU optimizer spent per phase
+                    row.update({f"hostopt_{k}_s": v for k, v in self.engine.host_opt.busy.items()})
                 if t.eval_every and self.step % t.eval_every == 0 and self.eval_data is not None:
                     row["eval_loss"] = self.evaluate()
                     summary.eval_losses.append((self.step, row["eval_loss"]))
                 metrics.add(row)
+                tele.event("step_end", value=dt, step=self.step, step_time_s=dt, loss=m["loss"])
                 bar.update(m["loss"], tps, mem)
                 if self.rank == 0 and (self.step % t.log_every == 0 or self.step == total):
                     log.info("step %d/%d loss %.5f lr %.3g grad_norm %.3f %.0f tok/s", self.step, total, m["loss"],
                              m["lr"], m["grad_norm"], tps)
                 if self.run_dir and t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    t_ck = time.perf_counter()
                     last_saved = self.save_to_run()
+                    tele.event("checkpoint", value=time.perf_counter() - t_ck)
                     metrics.flush()
             if self.run_dir and last_saved != self.step and summary.losses:
+                t_ck = time.perf_counter()
                 self.save_to_run()
+                tele.event("checkpoint", value=time.perf_counter() - t_ck)
         finally:
             bar.close()
             metrics.flush()
+            tele.stop()
         summary.steps = len(summary.losses)
         timed = summary.step_times[1:] or summary.step_times
         if timed:
             summary.tokens_per_s = summary.tokens_per_step * len(timed) / sum(timed)
         for k, v in self.memory.peaks().items():
             setattr(summary, k, v)
+        if self.engine.host_opt is not None:
+            summary.offload_busy_s = dict(self.engine.host_opt.busy)
         if self.run_dir and self.rank == 0:
             write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary.to_dict())
         return summary
+
+    def _telemetry(self) -> TelemetrySampler:
+        """One sampler per rank writing RUN_DIR/telemetry/ (disabled without a run dir).
+        Defaults for now; a ``telemetry:`` section of TrainConfig is a follow-up."""
+        opt = self.engine.host_opt
+        pinned = (lambda: opt.pinned_bytes) if opt is not None else None
+        return TelemetrySampler(self.run_dir, self.rank, int(os.environ.get("LOCAL_RANK", 0)), self.device,
+                                TelemetryConfig(), pinned_bytes=pinned)
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> float:
