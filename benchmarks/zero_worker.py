@@ -276,7 +276,7 @@ def run_tierlift(args, model, ids, labels, device, world, rec):
     # tierlift's own view of its memory, a cross-check on the harness's numbers.
     rec["tierlift_summary"] = {k: getattr(summary, k) for k in (
         "tokens_per_s", "peak_gpu_alloc_bytes", "peak_gpu_reserved_bytes", "peak_host_rss_bytes", "pinned_bytes",
-        "grad_norms") if hasattr(summary, k)}
+        "grad_norms", "offload_busy_s") if hasattr(summary, k)}
     if len(step_times) != args.steps:
         rec.setdefault("warnings", []).append(f"summary.step_times has {len(step_times)} entries, "
                                               f"expected {args.steps}")
