@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[ray,hf,test]"
+	# DeepSpeed: the peer we measure against and the source of DeepSpeed-config truths in tests.
+	# Its sdist imports torch at build time: build against the torch above, ops JIT-built only when used.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import sys, torch
 import threading
 import time
 from pathlib import Path
@@ -404,7 +406,6 @@ def test_interrupted_swap_falls_back_to_old_and_is_restored(tmp_path):
 # ----------------------------------------------------------------------------- SIGKILL
 
 _CRASH_SCRIPT = r"""
-import sys, torch
 from tierlift.parallel.comm import LocalComm
 from tierlift.runtime.checkpoint import StateSegment, save_checkpoint
 run, version = sys.argv[1], int(sys.argv[2])
@@ -510,7 +511,7 @@ def test_export_sharded_bf16_and_single_fp32(tmp_path):
 
 
 def test_export_loads_with_hf_from_pretrained(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = importlib.import_module("transformers")
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
     torch.manual_seed(0)
     ref = transformers.GPT2LMHeadModel(cfg)

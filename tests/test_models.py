@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -294,7 +295,7 @@ def test_missing_transformers_is_a_config_error_with_the_fix(monkeypatch):
 
 
 def test_missing_hf_path_is_a_config_error(tmp_path):
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     missing = str(tmp_path / "nope")
     with pytest.raises(ConfigError, match="model.hf_path") as info:
         build_model(ModelConfig(kind="hf", hf_path=missing))
@@ -314,7 +315,7 @@ def hf_spec(model_type: str, **extra) -> dict:
 
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
 def test_hf_model_trains_under_our_label_convention(model_type):
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     model = build_model(ModelConfig(kind="hf", hf_config=hf_spec(model_type)), seed=0)
     assert model.training and not model.config.use_cache
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -331,7 +332,7 @@ def test_hf_model_trains_under_our_label_convention(model_type):
 
 
 def test_hf_mixtral_router_aux_loss_is_added_when_configured():
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     spec = hf_spec("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
     model = build_model(ModelConfig(kind="hf", hf_config=spec), seed=0)
     data = batch()
@@ -341,14 +342,14 @@ def test_hf_mixtral_router_aux_loss_is_added_when_configured():
 
 
 def test_hf_same_seed_same_weights():
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     cfg = ModelConfig(kind="hf", hf_config=hf_spec("llama"))
     a, b = build_model(cfg, seed=5).state_dict(), build_model(cfg, seed=5).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_hf_path_loads_saved_weights_and_config_only_dirs(tmp_path):
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     source = build_model(ModelConfig(kind="hf", hf_config=hf_spec("mixtral")), seed=0)
     source.to(torch.bfloat16).save_pretrained(tmp_path / "full")
     loaded = build_model(ModelConfig(kind="hf", hf_path=str(tmp_path / "full")))
@@ -369,7 +370,7 @@ def test_hf_path_loads_saved_weights_and_config_only_dirs(tmp_path):
 
 
 def test_hf_config_errors_name_the_setting():
-    pytest.importorskip("transformers")
+    importlib.import_module("transformers")
     with pytest.raises(ConfigError, match="model.hf_config"):
         build_model(ModelConfig(kind="hf", hf_config={"hidden_size": 32}))
     with pytest.raises(ConfigError, match="model.hf_config.model_type"):
