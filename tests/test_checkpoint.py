@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import sys, torch
 import threading
 import time
 from pathlib import Path
@@ -406,6 +405,7 @@ def test_interrupted_swap_falls_back_to_old_and_is_restored(tmp_path):
 # ----------------------------------------------------------------------------- SIGKILL
 
 _CRASH_SCRIPT = r"""
+import sys, torch
 from tierlift.parallel.comm import LocalComm
 from tierlift.runtime.checkpoint import StateSegment, save_checkpoint
 run, version = sys.argv[1], int(sys.argv[2])

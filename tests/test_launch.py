@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -92,8 +92,6 @@ def test_offload_tiers_match_no_offload(tmp_path):
 
 def _resume(tmp, world):
     """Train 10 steps straight; train 5, checkpoint NVMe-resident state, rebuild, resume 5."""
-    import torch.distributed as dist
-
     from tierlift.models import build_model
     from tierlift.models.config import ModelConfig
     from tierlift.runtime.config import TrainConfig

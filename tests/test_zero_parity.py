@@ -7,7 +7,6 @@ without clipping and gradient accumulation.  bf16: loss within 2e-2 relative.
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
