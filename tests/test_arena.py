@@ -11,23 +11,12 @@ import random
 
 import pytest
 import torch
+from _fakes import FakeEvent
 
 from tierlift.offload.arena import (ALIGN, ArenaExhaustedError, ChunkArena, SlotState, SlotStateError,
                                     _Record)
 
 MiB = 1 << 20
-
-
-class FakeEvent:
-    def __init__(self, done: bool = False):
-        self.done, self.synced = done, 0
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.synced += 1
-        self.done = True
 
 
 def _ptrs(arena: ChunkArena) -> set[int]:

@@ -15,6 +15,7 @@ import weakref
 
 import pytest
 import torch
+from _fakes import FakeEvent
 
 from tierlift.errors import ConfigError
 from tierlift.offload import pinned
@@ -22,20 +23,6 @@ from tierlift.offload.pinned import (PAGE, PinnedMemoryError, PinnedPool, SlabFu
                                      check_memlock, hostalloc_pinned_bytes)
 
 MiB = 1 << 20
-
-
-class FakeEvent:
-    """Stands in for torch.cuda.Event: completes when the test says so."""
-
-    def __init__(self, done: bool = False):
-        self.done, self.synced = done, 0
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.synced += 1
-        self.done = True
 
 
 @pytest.fixture
