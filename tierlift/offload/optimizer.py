@@ -65,7 +65,7 @@ class _HostChunk:
     done: threading.Event
     phase: _ChunkPhase = _ChunkPhase.IDLE
     sumsq: float = 0.0
-    micro: int = 0
+    release_state: object = None  # gives the master/moments allocation back (host tier)
 
 
 class OffloadedOptimizer:
@@ -85,6 +85,7 @@ class OffloadedOptimizer:
         self.nvme = None
         self.policy_buffer_count = max(2, getattr(policy, "buffer_count", 2))
         self._free_sets, self._inflight_writes = [], []
+        self._staging_numel, self._staging_release = 0, []
         pin = device.type == "cuda" and getattr(policy, "pin_memory", True)
         tiers = self._place(chunks, policy)
         host_bytes = sum(self._host_bytes(c, t) for c, t in zip(chunks, tiers))
@@ -94,24 +95,19 @@ class OffloadedOptimizer:
         self.chunks: list[_HostChunk] = []
         for c, tier, m in zip(chunks, tiers, masters):
             n = c.shard_numel
-            bufs = self._alloc([n * 4, n * compute_dtype.itemsize]
-                               + ([n * 4] * (1 + len(self.kinds)) if tier is Tier.HOST else []))
-            grad = bufs[0].view(torch.float32)
-            param16 = bufs[1].view(compute_dtype)
-            master, states = None, {}
-            if tier is Tier.HOST:
-                master = bufs[2].view(torch.float32)
-                master.copy_(m)
-                states = {k: b.view(torch.float32).zero_() for k, b in zip(self.kinds, bufs[3:])}
+            (grad, param16), _ = self._alloc([n * 4, n * compute_dtype.itemsize])
+            grad, param16 = grad.view(torch.float32).zero_(), param16.view(compute_dtype)
             param16.copy_(m)
-            grad.zero_()
-            done = threading.Event()
-            done.set()
-            self.chunks.append(_HostChunk(c.index, tier, n, grad, param16, master, states, done))
+            hc = _HostChunk(c.index, tier, n, grad, param16, None, {}, threading.Event())
+            hc.done.set()
+            if tier is Tier.HOST:
+                self._alloc_state(hc)
+                hc.master.copy_(m)
+            self.chunks.append(hc)
         self.segments = [c.segments(rank) for c in chunks]
         self.host_bytes = host_bytes
-        if any(t is Tier.NVME for t in tiers):
-            self._open_nvme(chunks, tiers, masters, rank)
+        if isinstance(policy, NVMeOffload):  # extents for every chunk, so any chunk can move later
+            self._open_nvme(chunks, masters, rank)
         self.step_count = 0
         self._lr = 0.0
         self._errors: list[BaseException] = []
@@ -144,34 +140,89 @@ class OffloadedOptimizer:
         n = c.shard_numel
         return n * (4 + self.compute_dtype.itemsize) + (n * 4 * (1 + len(self.kinds)) if tier is Tier.HOST else 0)
 
-    def _alloc(self, sizes: list[int]) -> list[torch.Tensor]:
+    def _alloc(self, sizes: list[int]):
+        """Byte buffers of ``sizes`` in one allocation, 4 KiB aligned (O_DIRECT straight
+        into them), and the callable that gives that allocation back."""
         if self.pool is not None:
-            return [r.view(torch.uint8) for r in self.pool.carve(sizes)]
-        from tierlift.offload.nvme import aligned_empty  # 4 KiB aligned: O_DIRECT straight into them
-        return [aligned_empty(s) for s in sizes]
+            regions = self.pool.carve(sizes)
+            slab = regions[0].slab
 
-    def _open_nvme(self, chunks, tiers, masters, rank) -> None:
+            def release() -> None:
+                for r in regions:
+                    r.free()
+                slab.release()
+            return [r.view(torch.uint8) for r in regions], release
+        from tierlift.offload.nvme import aligned_empty
+        return [aligned_empty(s) for s in sizes], lambda: None  # pageable: freed with the last reference
+
+    def _alloc_state(self, hc: _HostChunk) -> None:
+        """Host buffers for a chunk's fp32 master and moments (zeroed), in their own slab
+        so that moving the chunk to NVMe gives the memory back."""
+        bufs, hc.release_state = self._alloc([hc.shard_numel * 4] * (1 + len(self.kinds)))
+        hc.master = bufs[0].view(torch.float32)
+        hc.states = {k: b.view(torch.float32).zero_() for k, b in zip(self.kinds, bufs[1:])}
+
+    def _ensure_staging(self) -> None:
+        """Staging sets (master + moments, fp32) big enough for the largest NVMe-tier
+        chunk; (re)allocated only when that grows.  Caller: worker idle."""
+        need = max((hc.shard_numel for hc in self.chunks if hc.tier is Tier.NVME), default=0)
+        if need <= self._staging_numel:
+            return
+        self._drain_writes()
+        for release in self._staging_release:
+            release()
+        sets = [self._alloc([need * 4] * (1 + len(self.kinds))) for _ in range(self.policy_buffer_count)]
+        self._free_sets = [bufs for bufs, _ in sets]
+        self._staging_release = [release for _, release in sets]
+        self._staging_numel = need
+
+    def move_to_nvme(self, indices: list[int]) -> list[int]:
+        """Write the state of host-tier chunks ``indices`` to their extents and free their
+        host buffers (a policy decision under host-memory pressure).  At a step boundary
+        only; returns the chunks that moved."""
+        if self.nvme is None:
+            raise RuntimeError("move_to_nvme needs offload.optimizer of kind nvme")
+        self.wait_all()
+        self._drain_writes()
+        moved = []
+        for i in indices:
+            hc = self.chunks[i]
+            if hc.tier is not Tier.HOST:
+                continue
+            views = [hc.master] + [hc.states[k] for k in self.kinds]
+            for h in [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]:
+                h.wait()
+            hc.master, hc.states, hc.tier = None, {}, Tier.NVME
+            hc.release_state()
+            hc.release_state = None
+            moved.append(i)
+        self._ensure_staging()
+        return moved
+
+    @property
+    def host_state_bytes(self) -> int:
+        """Host bytes held by fp32 masters and moments (what a move to NVMe frees)."""
+        return sum(hc.shard_numel * 4 * (1 + len(self.kinds)) for hc in self.chunks if hc.tier is Tier.HOST)
+
+    def _open_nvme(self, chunks, masters, rank) -> None:
         from tierlift.offload.extents import plan_extents
         from tierlift.offload.nvme import NVMeFile
-        items = [((c.index, k), c.shard_numel * 4) for c, t in zip(chunks, tiers) if t is Tier.NVME
-                 for k in ("master",) + self.kinds]
-        plan = plan_extents(items)
-        self.nvme = NVMeFile(self.policy.path, rank, plan, self.policy.aio, setting="offload.optimizer.path")
-        n_max = max(c.shard_numel for c, t in zip(chunks, tiers) if t is Tier.NVME)
-        self._free_sets = [self._alloc([n_max * 4] * (1 + len(self.kinds)))
-                           for _ in range(self.policy_buffer_count)]
-        self._inflight_writes: list = []
-        # Initial state: master from the model, zero moments.
+        items = [((c.index, k), c.shard_numel * 4) for c in chunks for k in ("master",) + self.kinds]
+        self.nvme = NVMeFile(self.policy.path, rank, plan_extents(items), self.policy.aio,
+                             setting="offload.optimizer.path")
+        self._ensure_staging()
+        if not self._free_sets:
+            return
+        # Initial state of NVMe-tier chunks: master from the model, zero moments.
         bufs = self._free_sets[-1]
-        for c, t, m in zip(chunks, tiers, masters):
-            if t is not Tier.NVME:
+        for hc, m in zip(self.chunks, masters):
+            if hc.tier is not Tier.NVME:
                 continue
-            n = c.shard_numel
-            views = [b.view(torch.float32)[:n] for b in bufs]
+            views = [b.view(torch.float32)[:hc.shard_numel] for b in bufs]
             views[0].copy_(m)
             for v in views[1:]:
                 v.zero_()
-            for h in [self.nvme.write((c.index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
+            for h in [self.nvme.write((hc.index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
                 h.wait()
 
     # -- gradients arrive ----------------------------------------------------------
@@ -394,6 +445,11 @@ class OffloadedOptimizer:
         self._worker.join(timeout=30)
         if self.nvme is not None:
             self.nvme.close()
+        for release in self._staging_release:
+            release()
+        for hc in self.chunks:
+            if hc.release_state is not None:
+                hc.release_state()
         if self.pool is not None:
             self.pool.close()
 

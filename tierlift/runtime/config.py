@@ -18,6 +18,7 @@ from tierlift.models.config import ModelConfig
 from tierlift.offload.policy import NoOffload, NVMeOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.runtime.data.config import DataConfig
+from tierlift.runtime.policy import PolicyConfig
 from tierlift.runtime.schedule import SchedulerConfig
 
 __all__ = ["TrainConfig", "LoopConfig", "RunConfig", "check_batch_sizes", "render_config",
@@ -83,6 +84,7 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

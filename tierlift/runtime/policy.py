@@ -29,7 +29,7 @@ from typing import Any
 
 from tierlift.runtime.planner import GiB, Plan
 
-__all__ = ["Thresholds", "Decision", "Policy"]
+__all__ = ["Thresholds", "Decision", "Policy", "PolicyConfig"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,38 @@ class Thresholds:
     host_margin_bytes: int = 2 * GiB  # freed beyond the shortfall, so one move is enough
     cooldown_steps: int = 20          # steps a rule stays quiet after it fired
     slow_factor: float = 1.5          # measured / predicted step time that counts as off plan
+
+
+@dataclass
+class PolicyConfig:
+    """The ``policy:`` section: re-plan at step boundaries from what the node measures.
+    The thresholds are :class:`Thresholds`' (bytes, ms, fractions of the GPU cap)."""
+
+    enabled: bool = True
+    stall_ms: float = 2.0
+    stall_patience: int = 3
+    max_prefetch: int = 8
+    gpu_high: float = 0.92
+    gpu_low: float = 0.85
+    host_min_available_bytes: int = 4 * GiB
+    host_margin_bytes: int = 2 * GiB
+    cooldown_steps: int = 20
+    slow_factor: float = 1.5
+
+    def __post_init__(self) -> None:
+        from tierlift._configbase import check
+        check(self.stall_patience >= 1, "policy.stall_patience", self.stall_patience, "must be >= 1.", "use 3.")
+        check(self.max_prefetch >= 1, "policy.max_prefetch", self.max_prefetch, "must be >= 1.", "use 8.")
+        check(0 < self.gpu_low < self.gpu_high <= 1, "policy.gpu_low", (self.gpu_low, self.gpu_high),
+              "needs 0 < gpu_low < gpu_high <= 1 (the band between keeps prefetch from flapping).",
+              "use gpu_low 0.85, gpu_high 0.92.")
+        for name in ("stall_ms", "host_min_available_bytes", "host_margin_bytes", "cooldown_steps"):
+            v = getattr(self, name)
+            check(v >= 0, f"policy.{name}", v, "must be >= 0.", "use the default.")
+        check(self.slow_factor > 1, "policy.slow_factor", self.slow_factor, "must be > 1.", "use 1.5.")
+
+    def thresholds(self) -> "Thresholds":
+        return Thresholds(**{k: v for k, v in vars(self).items() if k != "enabled"})
 
 
 @dataclass(frozen=True)

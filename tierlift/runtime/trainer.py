@@ -149,6 +149,7 @@ class Trainer:
         metrics = MetricsWriter(self.run_dir if self.rank == 0 else None)
         bar = Progress(total, self.step, enabled=self.rank == 0)
         tele = self._telemetry().start()
+        replanner = self._replanner()
         last_saved = None
         try:
             while self.step < total:
@@ -174,6 +175,11 @@ class Trainer:
                     summary.eval_losses.append((self.step, row["eval_loss"]))
                 metrics.add(row)
                 tele.event("step_end", value=dt, step=self.step, step_time_s=dt, loss=m["loss"])
+                decisions = replanner.step_end(self.step, dt, mem["host_rss_bytes"]) if replanner else []
+                for d in decisions:
+                    tele.event(f"policy_{d.kind}", step=self.step, reason=d.reason, **d.new_plan_fields)
+                if decisions:
+                    row["policy"] = ";".join(d.kind for d in decisions)
                 bar.update(m["loss"], tps, mem)
                 if self.rank == 0 and (self.step % t.log_every == 0 or self.step == total):
                     log.info("step %d/%d loss %.5f lr %.3g grad_norm %.3f %.0f tok/s", self.step, total, m["loss"],
@@ -202,6 +208,15 @@ class Trainer:
         if self.run_dir and self.rank == 0:
             write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary.to_dict())
         return summary
+
+    def _replanner(self):
+        """The plan and the policy that revises it (``policy.enabled``), built once."""
+        if not self.cfg.policy.enabled:
+            return None
+        if getattr(self, "_replan", None) is None:
+            from tierlift.runtime.replan import Replanner
+            self._replan = Replanner(self.engine, self.cfg, self.world_size)
+        return self._replan
 
     def _telemetry(self) -> TelemetrySampler:
         """One sampler per rank writing RUN_DIR/telemetry/ (disabled without a run dir).

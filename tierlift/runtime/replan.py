@@ -1,0 +1,82 @@
+"""Re-planning a running job: the plan made at start, the policy fed every step,
+and its decisions carried out on the engine at the step boundary.
+
+Every rank must take the same decision (prefetch depth changes the order in which
+all-gathers and reduce-scatters are issued, and that order must match across
+ranks), so the measurements are first agreed on with one all-reduce (MAX) and the
+policy, which is deterministic, then sees the same numbers everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from tierlift.errors import ConfigError
+from tierlift.runtime.policy import Decision, Policy
+
+__all__ = ["Replanner"]
+
+log = logging.getLogger("tierlift.replan")
+
+
+class Replanner:
+    """Builds the plan for the engine's real layout, then ``step_end`` per step."""
+
+    def __init__(self, engine, cfg, world_size: int) -> None:
+        from tierlift.offload.optimizer import Tier
+        from tierlift.runtime.plan_config import plan_for_config
+        self.engine, self.cfg, self.world_size = engine, cfg, world_size
+        self.policy: Policy | None = None
+        notes: list[str] = []
+        try:
+            plan = plan_for_config(cfg, engine.layout, engine.units, world_size, notes,
+                                   opt_kind=type(cfg.offload.optimizer).KIND, param_kind=type(cfg.offload.param).KIND)
+        except ConfigError as exc:  # the planner's budgets are tighter than what runs: say so, train on
+            log.warning("planner: %s -- training without re-planning", exc)
+            return
+        opt = engine.host_opt
+        if opt is not None and opt.nvme is not None:  # match the placement the engine really has
+            plan = plan.replan(host_chunks=sum(hc.tier is Tier.HOST for hc in opt.chunks))
+        plan = plan.replan(prefetch_units=engine.cfg.prefetch_units)
+        self.policy = Policy(plan, cfg.policy.thresholds())
+        log.info("plan at start:\n%s", plan.to_table())
+        for n in notes:
+            log.info("plan note: %s", n)
+
+    def _agreed(self, step_time_s: float, rss: int) -> dict[str, float]:
+        device = self.engine.device
+        vals = [step_time_s, float(rss), -float(psutil.virtual_memory().available)]
+        if device.type == "cuda":
+            vals += [float(torch.cuda.memory_reserved(device)),
+                     -float(torch.cuda.get_device_properties(device).total_memory)]
+        t = torch.tensor(vals, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # worst rank; CPU tensor: the gloo side of the group
+        m = {"step_time_s": float(t[0]), "host_rss_bytes": float(t[1]), "host_available_bytes": -float(t[2])}
+        if device.type == "cuda":
+            m["gpu_reserved_bytes"], m["gpu_cap_bytes"] = float(t[3]), -float(t[4])
+        return m
+
+    def step_end(self, step: int, step_time_s: float, rss: int) -> list[Decision]:
+        """Feed one step's measurements; carry out and return the decisions taken."""
+        if self.policy is None:
+            return []
+        decisions = self.policy.observe(step, self._agreed(step_time_s, rss))
+        for d in decisions:
+            self._apply(d)
+            log.info("policy at step %d: %s: %s", step, d.kind, d.reason)
+        return decisions
+
+    def _apply(self, d: Decision) -> None:
+        fields = d.new_plan_fields
+        if "prefetch_units" in fields:
+            self.engine.cfg.prefetch_units = int(fields["prefetch_units"])
+        if d.kind == "move_to_nvme":
+            opt = self.engine.host_opt
+            if opt is None or opt.nvme is None:  # the planner only moves when an NVMe tier exists
+                raise RuntimeError(f"policy decided {d.kind} without an NVMe tier: {d.reason}")
+            opt.move_to_nvme([int(i) for i in fields["moved_chunks"]])
