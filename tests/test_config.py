@@ -253,7 +253,8 @@ def test_render_config_shows_every_default():
     text = render_config(TrainConfig())
     assert text.startswith("# tierlift config") and "# source: defaults" in text
     body = yaml.safe_load(text)
-    assert set(body) == {"model", "data", "train", "optimizer", "scheduler", "precision", "zero", "offload", "run"}
+    assert set(body) == {"model", "data", "train", "optimizer", "scheduler", "precision", "zero", "offload", "policy",
+                         "run"}
     assert body["zero"]["prefetch_bytes"] == 0 and body["offload"]["optimizer"] == {"kind": "none"}
     assert render_config(TrainConfig(), source="x.yaml").splitlines()[1] == "# source: x.yaml"
 
