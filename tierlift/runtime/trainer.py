@@ -290,6 +290,8 @@ class Trainer:
         self.step = int(extra["step"])
         if self.batcher is not None and extra.get("data") is not None:
             self.batcher.load_state_dict(extra["data"])
+        if not rank_tensors:  # resumed at another world size: no per-rank RNG state to restore
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.step + self.rank)
         if "cpu_rng" in rank_tensors:
             torch.set_rng_state(rank_tensors["cpu_rng"])
         if "cuda_rng" in rank_tensors and self.device.type == "cuda":
