@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from _bench_common import env_facts, gpu_facts, now_iso, pinned_host_stats, write_json
 
-    from tierlift.offload.pinned import PinnedPool, benchmark_pinning
+    from tierlift.offload.pinned import PinnedPool
+    from tierlift.offload.pinned_bench import benchmark_pinning
 
     sizes = [m * MiB for m in _ints(args.sizes_mib)]
     copies = [m * MiB for m in _ints(args.copy_mib)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from _dist import run_ranks
+from _fakes import arith_samples
 
 STEPS = 10
 MODEL = {"kind": "gpt", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 16}
@@ -105,12 +106,7 @@ def _resume(tmp, world):
             "zero": {"stage": 3}, "run": {"device": "cpu"},
             "offload": {"optimizer": {"kind": "nvme", "path": os.path.join(tmp, tag)}, "param": {"kind": "cpu"}}})
 
-    g = torch.Generator().manual_seed(2)
-    ds = []
-    for _ in range(512):
-        a, b = int(torch.randint(0, 64, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-        x = (a + b * torch.arange(17)) % 64
-        ds.append({"input_ids": x[:-1], "labels": x[1:]})
+    ds = arith_samples(512, seed=2)
     t = Trainer(build_model(ModelConfig(**MODEL), seed=5), cfg(f"a{os.environ['RANK']}"), train_data=ds)
     straight = t.fit().losses
     t.engine.close()

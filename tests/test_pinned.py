@@ -19,7 +19,8 @@ from _fakes import FakeEvent
 
 from tierlift.errors import ConfigError
 from tierlift.offload import pinned
-from tierlift.offload.pinned import (PAGE, PinnedMemoryError, PinnedPool, SlabFullError, benchmark_pinning,
+from tierlift.offload.pinned_bench import benchmark_pinning
+from tierlift.offload.pinned import (PAGE, PinnedMemoryError, PinnedPool, SlabFullError,
                                      check_memlock, hostalloc_pinned_bytes)
 
 MiB = 1 << 20

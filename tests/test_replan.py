@@ -10,22 +10,12 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from _dist import run_ranks
+from _fakes import arith_samples
 
 MODEL = {"kind": "gpt", "vocab_size": 64, "d_model": 32, "n_layers": 8, "n_heads": 4, "max_seq_len": 16}
 PRESSURE = {"host_min_available_bytes": 2 ** 50, "cooldown_steps": 4}  # 1 PiB "needed": always short
-
-
-def _data():
-    g = torch.Generator().manual_seed(2)
-    ds = []
-    for _ in range(256):
-        a, b = int(torch.randint(0, 64, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-        x = (a + b * torch.arange(17)) % 64
-        ds.append({"input_ids": x[:-1], "labels": x[1:]})
-    return ds
 
 
 def _train(tmp: str, tag: str, policy: dict, run_dir: str | None = None):
@@ -41,7 +31,7 @@ def _train(tmp: str, tag: str, policy: dict, run_dir: str | None = None):
         "offload": {"optimizer": {"kind": "nvme", "path": os.path.join(tmp, f"{tag}-{rank}"), "max_in_cpu": 10 ** 9,
                                   "buffer_count": 2}, "param": {"kind": "cpu"}},
         "policy": policy})
-    t = Trainer(build_model(ModelConfig(**MODEL), seed=5), cfg, train_data=_data(), run_dir=run_dir)
+    t = Trainer(build_model(ModelConfig(**MODEL), seed=5), cfg, train_data=arith_samples(256, seed=2), run_dir=run_dir)
     losses = t.fit().losses
     tiers = [hc.tier is Tier.NVME for hc in t.engine.host_opt.chunks]
     t.engine.close()

@@ -44,14 +44,15 @@ import threading
 import time
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Hashable
 
 import torch
 
 from tierlift.errors import TierliftError
-from tierlift.offload.extents import IO_ALIGN, Extent, ExtentPlan
+from tierlift.offload.extents import IO_ALIGN, ExtentPlan
+from tierlift.offload.nvme_aio import LibaioBackend, load_deepspeed_aio
+from tierlift.offload.nvme_io import IOHandle, NVMeStats
 from tierlift.offload.policy import AioConfig
 
 __all__ = ["NVMeError", "ChecksumError", "NVMeStats", "IOHandle", "NVMeFile", "aligned_empty",
@@ -104,71 +105,7 @@ def _probe_direct(fd: int, file_bytes: int) -> None:
         raise
 
 
-@dataclass
-class NVMeStats:
-    """Counters since the file was opened.  Bytes are what the disk moved (padding
-    included); busy seconds are wall time with at least one request in flight."""
-
-    bytes_read: int = 0
-    bytes_written: int = 0
-    reads: int = 0  # extents completed
-    writes: int = 0
-    requests: int = 0
-    errors: int = 0
-    bounce_bytes: int = 0  # tail bytes staged through the bounce buffer
-    read_busy_s: float = 0.0
-    write_busy_s: float = 0.0
-    busy_s: float = 0.0  # either direction
-    checksum_s: float = 0.0  # thread-seconds in crc32
-
-    @property
-    def read_gbps(self) -> float:
-        return self.bytes_read / self.read_busy_s / 1e9 if self.read_busy_s else 0.0
-
-    @property
-    def write_gbps(self) -> float:
-        return self.bytes_written / self.write_busy_s / 1e9 if self.write_busy_s else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "read_gbps": self.read_gbps, "write_gbps": self.write_gbps}
-
-
-class IOHandle:
-    """One extent moving between a host buffer and the file.  ``wait()`` blocks until
-    it is done and raises its error (NVMeError / ChecksumError), if any."""
-
-    def __init__(self, op: str, extent: Extent, tensor: torch.Tensor, verify: bool) -> None:
-        self.op, self.extent, self.key, self.verify = op, extent, extent.key, verify
-        self.nbytes = extent.nbytes
-        self._u8 = tensor.detach().reshape(-1).view(torch.uint8)  # keeps the caller's memory alive
-        self._mv = memoryview(self._u8.numpy())
-        n = len(self._mv)
-        # Bytes of the caller's buffer usable straight for O_DIRECT: all of it when it
-        # covers the padded extent, else its whole 4 KiB pages (the rest is bounced).
-        self._cover = n if n >= extent.padded else n - n % IO_ALIGN
-        self._reqs: list[tuple[int, int, int]] = []
-        self._crcs: list[int | None] = []
-        self._remaining = 0
-        self.error: BaseException | None = None
-        self._event = threading.Event()
-        self._t0 = time.perf_counter()
-        self.seconds: float | None = None  # submit -> completion
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> None:
-        if not self._event.wait(timeout):
-            raise TimeoutError(f"NVMe {self.op} of extent {self.key!r} not done after {timeout} s")
-        if self.error is not None:
-            raise self.error
-
-    def __repr__(self) -> str:
-        state = "error" if self.error else "done" if self.done() else "pending"
-        return f"IOHandle({self.op} {self.key!r}, {self.nbytes} bytes, {state})"
-
-
-class NVMeFile:
+class NVMeFile(LibaioBackend):
     """One rank's extent file.  ``direct``: None tries O_DIRECT and falls back to
     buffered I/O (with a warning) where the filesystem refuses it, True requires it,
     False never uses it.  ``existing=True`` reopens a kept file and its sidecar
@@ -194,7 +131,7 @@ class NVMeFile:
         if verify and not checksum:
             raise NVMeError("verify=True needs checksums, but checksum=False.", setting="checksum",
                             value=False, fix="enable checksums or drop verify.")
-        self._aio_op = _load_deepspeed_aio() if self.aio.backend == "libaio" else None
+        self._aio_op = load_deepspeed_aio() if self.aio.backend == "libaio" else None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stats = NVMeStats()
@@ -597,73 +534,6 @@ class NVMeFile:
         name = errno.errorcode.get(e.errno or 0, "error")
         return NVMeError(f"{name} ({e.strerror}) in {where}.", setting=self.setting, value=self.dir, fix=fix)
 
-    # ------------------------------------------------------ libaio backend
-    def _aio_setup(self) -> None:
-        a, op = self.aio, self._aio_op
-        # DeepSpeed splits one call evenly over intra_op_parallelism threads, so the part of
-        # an extent given to the main handle is a multiple of threads x 4 KiB; the rest goes
-        # through a one-thread handle.
-        self._aio_main = op.aio_handle(a.block_size, a.queue_depth, a.single_submit, a.overlap_events, a.threads)
-        self._aio_tail = op.aio_handle(a.block_size, a.queue_depth, a.single_submit, a.overlap_events, 1)
-        self._aio_bounce = aligned_empty(self.plan.align)  # the unaligned tail is at most one align unit
-
-    def _aio_loop(self) -> None:
-        pool = ThreadPoolExecutor(self.aio.threads, thread_name_prefix="tierlift-nvme-crc")
-        while (h := self._q.get()) is not None:
-            try:
-                if h._reqs:
-                    self._aio_extent(h, self._aio_main, self._aio_tail, pool, self._aio_bounce)
-            except Exception as e:  # noqa: BLE001 -- reported through the handle
-                h.error = h.error or e
-            self._finish(h)
-        pool.shutdown()
-
-    def _aio_extent(self, h: IOHandle, main: Any, tail: Any, pool: ThreadPoolExecutor, bounce: torch.Tensor) -> None:
-        e, u8, write = h.extent, h._u8, h.op == "write"
-        unit = IO_ALIGN * self.aio.threads
-        m = h._cover - h._cover % unit
-        pieces = [(main, u8[:m], e.offset)] if m else []
-        if h._cover > m:
-            pieces.append((tail, u8[m:h._cover], e.offset + m))
-        nb = e.padded - h._cover
-        valid = max(0, h.nbytes - h._cover)
-        if nb:
-            if write:
-                bounce[:valid].copy_(u8[h._cover:h.nbytes])
-                bounce[valid:nb].zero_()
-            pieces.append((tail, bounce[:nb], e.offset + h._cover))
-        counts: dict[int, list] = {}
-        self._io_begin(h.op)
-        try:
-            for handle, t, off in pieces:
-                rc = (handle.async_pwrite if write else handle.async_pread)(t, self.path, off)
-                if rc != 0:
-                    raise NVMeError(f"DeepSpeed aio refused a {h.op} of {t.numel()} bytes at offset {off} of "
-                                    f"{self.path} (extent {h.key!r}).", setting="offload.aio.backend",
-                                    value="libaio", fix="see the aio message above, or use backend: threads.")
-                counts.setdefault(id(handle), [handle, 0])[1] += 1
-            if write and self.checksum:  # overlaps the I/O: the buffer is stable while it is written
-                h._crcs = self._crcs_parallel(pool, h)
-        finally:
-            for handle, k in counts.values():  # never leave the handle with ops in flight on our buffer
-                if handle.wait() != k and h.error is None:
-                    h.error = NVMeError(f"DeepSpeed aio completed fewer {h.op}s than submitted for extent "
-                                        f"{h.key!r} of {self.path}.", fix=_FIX_DISK.format(setting=self.setting))
-            self._io_end(h.op, e.padded, nb)
-        if not write:
-            if valid:
-                u8[h._cover:h.nbytes].copy_(bounce[:valid])
-            if h.verify:
-                h._crcs = self._crcs_parallel(pool, h)
-
-    def _crcs_parallel(self, pool: ThreadPoolExecutor, h: IOHandle) -> list[int]:
-        g, mv = self.block_size, h._mv
-        t0 = time.perf_counter()
-        out = list(pool.map(lambda lo: zlib.crc32(mv[lo:min(lo + g, h.nbytes)]), range(0, h.nbytes, g)))
-        with self._lock:
-            self._stats.checksum_s += time.perf_counter() - t0
-        return out
-
     def _unlink(self) -> None:
         for p in (self.path, self.sidecar_path):
             try:
@@ -675,19 +545,3 @@ class NVMeFile:
 def _granules(h: IOHandle) -> int:
     """Checksummed blocks of an extent's payload (requests wholly in the padding have none)."""
     return sum(1 for _, lo, _ in h._reqs if lo < h.nbytes)
-
-
-def _load_deepspeed_aio() -> Any:
-    """DeepSpeed's async_io op module (built just in time on first use)."""
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-
-        builder = AsyncIOBuilder()
-        if not builder.is_compatible(verbose=False):
-            raise RuntimeError("AsyncIOBuilder().is_compatible() is False: libaio headers or library not found")
-        return builder.load(verbose=False)
-    except Exception as e:  # ImportError, build failures
-        raise NVMeError(f"backend 'libaio' needs DeepSpeed's async_io op, which is unavailable: "
-                        f"{type(e).__name__}: {e}", setting="offload.aio.backend", value="libaio",
-                        fix="install libaio (apt-get install libaio-dev) and "
-                            "`pip install --no-build-isolation deepspeed`, or set backend: threads.") from e
