@@ -180,9 +180,13 @@ def test_close_waits_pending_and_warns_on_busy():
 def test_gpu_event_guards_slot_across_streams():
     with ChunkArena((16 * MiB, 1), device="cuda") as a:
         side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        torch.cuda._sleep(1000)  # load the kernel first: its lazy load must not eat the delay below
+        torch.cuda.synchronize()
         with torch.cuda.stream(side):
             s = a.acquire(16 * MiB, stream=side)
-            torch.cuda._sleep(200_000_000)  # the side stream's write lands late
+            # The side stream's write lands late: ~1 s of GPU cycles, far longer than the host
+            # needs to reach acquire() below (seen on an H100: 0.1 s was not always enough).
+            torch.cuda._sleep(2_000_000_000)
             s.view(torch.float32).fill_(1.0)
             ev = torch.cuda.Event()
             ev.record(side)
