@@ -10,6 +10,7 @@ policy, which is deterministic, then sees the same numbers everywhere.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import psutil
 import torch
@@ -42,7 +43,12 @@ class Replanner:
         if opt is not None and opt.nvme is not None:  # match the placement the engine really has
             plan = plan.replan(host_chunks=sum(hc.tier is Tier.HOST for hc in opt.chunks))
         plan = plan.replan(prefetch_units=engine.cfg.prefetch_units)
-        self.policy = Policy(plan, cfg.policy.thresholds())
+        thresholds = cfg.policy.thresholds()
+        if plan.rates.source.startswith("defaults"):
+            # Predicted times from another machine's rates (no calibration of this node):
+            # "off plan" notes would only compare against them, so they stay off.
+            thresholds = replace(thresholds, slow_factor=float("inf"))
+        self.policy = Policy(plan, thresholds)
         log.info("plan at start:\n%s", plan.to_table())
         for n in notes:
             log.info("plan note: %s", n)

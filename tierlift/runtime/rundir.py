@@ -88,7 +88,8 @@ def read_metrics(run_dir: str):
     import pyarrow.parquet as pq
     d = os.path.join(run_dir, "metrics")
     parts = sorted(n for n in os.listdir(d) if n.endswith(".parquet"))
-    return pa.concat_tables([pq.read_table(os.path.join(d, n)) for n in parts])
+    # Parts written by different versions or runs may differ in columns: missing ones read as null.
+    return pa.concat_tables([pq.read_table(os.path.join(d, n)) for n in parts], promote_options="default")
 
 
 class MemoryMeter:

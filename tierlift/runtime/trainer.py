@@ -173,13 +173,12 @@ class Trainer:
                 if t.eval_every and self.step % t.eval_every == 0 and self.eval_data is not None:
                     row["eval_loss"] = self.evaluate()
                     summary.eval_losses.append((self.step, row["eval_loss"]))
-                metrics.add(row)
                 tele.event("step_end", value=dt, step=self.step, step_time_s=dt, loss=m["loss"])
                 decisions = replanner.step_end(self.step, dt, mem["host_rss_bytes"]) if replanner else []
                 for d in decisions:
                     tele.event(f"policy_{d.kind}", step=self.step, reason=d.reason, **d.new_plan_fields)
-                if decisions:
-                    row["policy"] = ";".join(d.kind for d in decisions)
+                row["policy"] = ";".join(d.kind for d in decisions)  # every row: one Parquet schema
+                metrics.add(row)
                 bar.update(m["loss"], tps, mem)
                 if self.rank == 0 and (self.step % t.log_every == 0 or self.step == total):
                     log.info("step %d/%d loss %.5f lr %.3g grad_norm %.3f %.0f tok/s", self.step, total, m["loss"],
