@@ -40,6 +40,10 @@ from tierlift.parallel.optim import ShardOptimizer
 
 __all__ = ["OffloadedOptimizer", "Tier"]
 
+# Gradient slots for immediate steps: two let one D2H land while the worker steps the
+# previous chunk; more would only hold memory (the worker is the bottleneck or not).
+_RING_SLOTS = 2
+
 
 class Tier(enum.Enum):
     HOST = "host"
@@ -58,7 +62,7 @@ class _HostChunk:
     index: int
     tier: Tier
     shard_numel: int
-    grad: torch.Tensor           # fp32, host
+    grad: torch.Tensor | None    # fp32, host; allocated on first need
     param16: torch.Tensor        # compute dtype, host: what goes back to the GPU
     master: torch.Tensor | None  # fp32 host (None when on NVMe)
     states: dict[str, torch.Tensor]
@@ -84,6 +88,7 @@ class OffloadedOptimizer:
         self.pool = None
         self.nvme = None
         self.policy_buffer_count = max(2, getattr(policy, "buffer_count", 2))
+        self._ring, self._ring_free, self._ring_cv = None, [], threading.Condition()
         self._free_sets, self._inflight_writes = [], []
         self._staging_numel, self._staging_release = 0, []
         pin = device.type == "cuda" and getattr(policy, "pin_memory", True)
@@ -93,16 +98,19 @@ class OffloadedOptimizer:
             from tierlift.offload.pinned import PinnedPool
             self.pool = PinnedPool(offload.host_budget_bytes, device=device)
         self.chunks: list[_HostChunk] = []
-        for c, tier, m in zip(chunks, tiers, masters):
-            n = c.shard_numel
-            (grad, param16), _ = self._alloc([n * 4, n * compute_dtype.itemsize])
-            grad, param16 = grad.view(torch.float32).zero_(), param16.view(compute_dtype)
+        for j, (c, tier) in enumerate(zip(chunks, tiers)):
+            n, m = c.shard_numel, masters[j]
+            (param16,), _ = self._alloc([n * compute_dtype.itemsize])
+            param16 = param16.view(compute_dtype)
             param16.copy_(m)
-            hc = _HostChunk(c.index, tier, n, grad, param16, None, {}, threading.Event())
+            # grad: allocated on first need (accumulation or deferred steps); an
+            # immediate step reads its gradient straight from a ring slot instead.
+            hc = _HostChunk(c.index, tier, n, None, param16, None, {}, threading.Event())
             hc.done.set()
             if tier is Tier.HOST:
                 self._alloc_state(hc)
                 hc.master.copy_(m)
+                masters[j] = None  # the caller's fp32 copy goes now, not after every chunk is in
             self.chunks.append(hc)
         self.segments = [c.segments(rank) for c in chunks]
         self.host_bytes = host_bytes
@@ -162,6 +170,30 @@ class OffloadedOptimizer:
         hc.master = bufs[0].view(torch.float32)
         hc.states = {k: b.view(torch.float32).zero_() for k, b in zip(self.kinds, bufs[1:])}
 
+    def _grad_buf(self, hc: _HostChunk) -> torch.Tensor:
+        """The chunk's own fp32 gradient buffer (accumulation, deferred steps)."""
+        if hc.grad is None:
+            (buf,), _ = self._alloc([hc.shard_numel * 4])
+            hc.grad = buf.view(torch.float32).zero_()
+        return hc.grad
+
+    def _ring_acquire(self) -> torch.Tensor:
+        """A pinned fp32 slot for a gradient that is stepped as soon as it lands.
+        Blocks while every slot waits for its step: backpressure instead of memory."""
+        with self._ring_cv:
+            if self._ring is None:
+                n = max(hc.shard_numel for hc in self.chunks)
+                self._ring = [self._alloc([n * 4])[0][0].view(torch.float32) for _ in range(_RING_SLOTS)]
+                self._ring_free = list(self._ring)
+            while not self._ring_free:
+                self._ring_cv.wait()
+            return self._ring_free.pop()
+
+    def _ring_release(self, slot: torch.Tensor) -> None:
+        with self._ring_cv:
+            self._ring_free.append(slot)
+            self._ring_cv.notify()
+
     def _ensure_staging(self) -> None:
         """Staging sets (master + moments, fp32) big enough for the largest NVMe-tier
         chunk; (re)allocated only when that grows.  Caller: worker idle."""
@@ -215,7 +247,7 @@ class OffloadedOptimizer:
             return
         # Initial state of NVMe-tier chunks: master from the model, zero moments.
         bufs = self._free_sets[-1]
-        for hc, m in zip(self.chunks, masters):
+        for j, (hc, m) in enumerate(zip(self.chunks, masters)):
             if hc.tier is not Tier.NVME:
                 continue
             views = [b.view(torch.float32)[:hc.shard_numel] for b in bufs]
@@ -224,6 +256,7 @@ class OffloadedOptimizer:
                 v.zero_()
             for h in [self.nvme.write((hc.index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
                 h.wait()
+            masters[j] = None
 
     # -- gradients arrive ----------------------------------------------------------
     def accept_grad(self, index: int, shard_grad: torch.Tensor, first_micro: bool, last_micro: bool) -> None:
@@ -234,13 +267,19 @@ class OffloadedOptimizer:
             hc.done.wait()  # this chunk's previous step must be done before its grad buffer is reused
             self._raise()
             hc.phase = _ChunkPhase.GRAD
+        # Stepped as soon as it lands: a ring slot instead of a per-chunk buffer.
+        ring = first_micro and last_micro and not self.deferred
+        slot = self._ring_acquire() if ring else None  # the whole slot: it is released whole
         event = None
         if shard_grad.device.type == "cuda":
-            # First micro-batch: D2H straight into the chunk's pinned fp32 grad buffer
-            # (no staging, no host copy).  Later ones land in a staging buffer the
-            # worker adds in.  The device buffer is kept alive for the copy's stream.
+            # D2H straight into the slot or the chunk's pinned fp32 buffer on the first
+            # micro-batch; later ones (or a non-fp32 reduce dtype) land in a staging
+            # buffer the worker converts/adds.  The device buffer outlives the copy.
             direct = first_micro and shard_grad.dtype == torch.float32
-            dst = hc.grad if direct else torch.empty(shard_grad.shape, dtype=shard_grad.dtype, pin_memory=True)
+            if direct:
+                dst = slot[:hc.shard_numel] if ring else self._grad_buf(hc)
+            else:
+                dst = torch.empty(shard_grad.shape, dtype=shard_grad.dtype, pin_memory=True)
             stream = self._d2h
             stream.wait_stream(torch.cuda.current_stream(shard_grad.device))
             with torch.cuda.stream(stream):
@@ -250,7 +289,7 @@ class OffloadedOptimizer:
             shard_grad.record_stream(stream)
             shard_grad = None if direct else dst
         hc.done.clear()
-        self._q.put(("grad", (index, shard_grad, event, first_micro, last_micro)))
+        self._q.put(("grad", (index, shard_grad, event, first_micro, last_micro, slot)))
 
     # -- the step ----------------------------------------------------------------
     def flush_grads(self) -> list[float]:
@@ -272,7 +311,8 @@ class OffloadedOptimizer:
     def skip_step(self) -> None:
         """fp16 overflow: drop this step's gradients on every chunk."""
         for hc in self.chunks:
-            hc.grad.zero_()
+            if hc.grad is not None:
+                hc.grad.zero_()
             hc.sumsq = 0.0
             hc.phase = _ChunkPhase.IDLE
 
@@ -315,28 +355,41 @@ class OffloadedOptimizer:
                 if op == "barrier":
                     payload.set()
 
-    def _land_grad(self, i: int, grad: torch.Tensor, event, first: bool, last: bool) -> None:
+    def _land_grad(self, i: int, grad: torch.Tensor | None, event, first: bool, last: bool,
+                   slot: torch.Tensor | None) -> None:
+        """``grad`` is None when the D2H copy went straight into its destination (the
+        ring ``slot``, or the chunk's buffer)."""
         hc = self.chunks[i]
         t0 = time.perf_counter()
         if event is not None:
             event.synchronize()
         t1 = time.perf_counter()
-        if grad is None:
-            pass  # already D2H'd into hc.grad
-        elif first:
-            hc.grad.copy_(grad)
+        if slot is not None:
+            target = slot[:hc.shard_numel]
+            if grad is not None:
+                target.copy_(grad)
         else:
-            hc.grad.add_(grad.to(torch.float32))
+            target = self._grad_buf(hc)
+            if grad is None:
+                pass  # already D2H'd into hc.grad
+            elif first:
+                target.copy_(grad)
+            else:
+                target.add_(grad.to(torch.float32))
         t2 = time.perf_counter()
         self.busy["wait_d2h"] += t1 - t0
         self.busy["grad"] += t2 - t1
         if last:  # the norm is wanted for clipping (deferred) and reported always
             # fp32 reduction (as clip_grad_norm_ does): an fp64 upcast costs ~30x more on CPU.
-            hc.sumsq = float(torch.linalg.vector_norm(hc.grad)) ** 2
+            hc.sumsq = float(torch.linalg.vector_norm(target)) ** 2
             self.busy["norm"] += time.perf_counter() - t2
             if not self.deferred:
                 hc.phase = _ChunkPhase.STEPPING
-                self._run_steps([i], self._lr, 1.0, self.step_count)
+                try:
+                    self._run_steps([i], self._lr, 1.0, self.step_count, grad=target)
+                finally:
+                    if slot is not None:
+                        self._ring_release(slot)
                 return
         hc.done.set()
 
@@ -372,7 +425,10 @@ class OffloadedOptimizer:
         return bufs, views, handles
 
     @torch.no_grad()
-    def _run_steps(self, order: list[int], lr: float, coef: float, step_count: int) -> None:
+    def _run_steps(self, order: list[int], lr: float, coef: float, step_count: int,
+                   grad: torch.Tensor | None = None) -> None:
+        """Step ``order``'s chunks; ``grad``: the (single) chunk's gradient when it is not
+        the chunk's own buffer (a ring slot)."""
         nvme_order = [i for i in order if self.chunks[i].tier is Tier.NVME]
         reads: dict[int, tuple] = {}
         lookahead = max(1, self.policy_buffer_count - 1)
@@ -391,16 +447,18 @@ class OffloadedOptimizer:
                 master, states = views[0], dict(zip(self.kinds, views[1:]))
             else:
                 master, states = hc.master, hc.states
+            g = grad if grad is not None else self._grad_buf(hc)
             if coef != 1.0:
-                hc.grad.mul_(coef)
+                g.mul_(coef)
             t0 = time.perf_counter()
-            ShardOptimizer(self.optim_cfg, [master], [hc.grad], [self.segments[i]], states=[states],
+            ShardOptimizer(self.optim_cfg, [master], [g], [self.segments[i]], states=[states],
                            step_count=step_count).step(lr)
             t1 = time.perf_counter()
             hc.param16.copy_(master)
             self.busy["step"] += t1 - t0
             self.busy["cast"] += time.perf_counter() - t1
-            hc.grad.zero_()
+            if grad is None:
+                g.zero_()
             if hc.tier is Tier.NVME:
                 writes = [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]
                 self._inflight_writes.append((bufs, writes, i))

@@ -96,10 +96,12 @@ class ZeroEngine(EngineStateMixin):
         if host_opt:
             from tierlift.offload.optimizer import OffloadedOptimizer
             deferred = optim.grad_clip > 0 or precision.compute == "fp16"
-            self.host_opt = OffloadedOptimizer(list(self.layout), self.rank, [c.master for c in self.chunks], optim,
-                                               self.offload, self.compute_dtype, device, deferred=deferred)
+            masters = [c.master for c in self.chunks]
             for c in self.chunks:
-                c.master = None  # the host optimizer owns it now
+                c.master = None  # the host optimizer takes them over, and drops each once copied
+            self.host_opt = OffloadedOptimizer(list(self.layout), self.rank, masters, optim,
+                                               self.offload, self.compute_dtype, device, deferred=deferred)
+            del masters
             self.optimizer = None
         else:
             self.optimizer = ShardOptimizer(optim, [c.master for c in self.chunks], [c.grad for c in self.chunks],
