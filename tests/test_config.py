@@ -254,7 +254,7 @@ def test_render_config_shows_every_default():
     assert text.startswith("# tierlift config") and "# source: defaults" in text
     body = yaml.safe_load(text)
     assert set(body) == {"model", "data", "train", "optimizer", "scheduler", "precision", "zero", "offload", "policy",
-                         "run"}
+                         "telemetry", "run"}
     assert body["zero"]["prefetch_bytes"] == 0 and body["offload"]["optimizer"] == {"kind": "none"}
     assert render_config(TrainConfig(), source="x.yaml").splitlines()[1] == "# source: x.yaml"
 

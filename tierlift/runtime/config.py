@@ -19,6 +19,7 @@ from tierlift.offload.policy import NoOffload, NVMeOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.runtime.data.config import DataConfig
 from tierlift.runtime.policy import PolicyConfig
+from tierlift.system.telemetry import TelemetryConfig
 from tierlift.runtime.schedule import SchedulerConfig
 
 __all__ = ["TrainConfig", "LoopConfig", "RunConfig", "check_batch_sizes", "render_config",
@@ -85,6 +86,7 @@ class TrainConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from tierlift.parallel.zero import ZeroEngine
 from tierlift.runtime.config import TrainConfig, check_batch_sizes
 from tierlift.runtime.rundir import MemoryMeter, MetricsWriter, Progress, setup_logging, write_json_atomic
 from tierlift.runtime.schedule import lr_at
-from tierlift.system.telemetry import TelemetryConfig, TelemetrySampler
+from tierlift.system.telemetry import TelemetrySampler
 
 __all__ = ["Trainer", "FitSummary"]
 
@@ -218,12 +218,12 @@ class Trainer:
         return self._replan
 
     def _telemetry(self) -> TelemetrySampler:
-        """One sampler per rank writing RUN_DIR/telemetry/ (disabled without a run dir).
-        Defaults for now; a ``telemetry:`` section of TrainConfig is a follow-up."""
+        """One sampler per rank writing RUN_DIR/telemetry/ (disabled without a run dir),
+        configured by the ``telemetry:`` section."""
         opt = self.engine.host_opt
         pinned = (lambda: opt.pinned_bytes) if opt is not None else None
         return TelemetrySampler(self.run_dir, self.rank, int(os.environ.get("LOCAL_RANK", 0)), self.device,
-                                TelemetryConfig(), pinned_bytes=pinned)
+                                self.cfg.telemetry, pinned_bytes=pinned)
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> float:
