@@ -62,3 +62,37 @@ def test_two_ranks_take_the_same_decision(tmp_path):
     (ref, tiers_ref), (got, tiers) = run_ranks(_two_ranks, 2, str(tmp_path))
     assert not any(tiers_ref) and all(tiers)
     assert got == ref
+
+
+def _stalls(tmp):
+    """Stage 3 with no prefetch on 2 gloo ranks: every unit waits for its gather, the
+    policy deepens prefetch (the same decision on both ranks), losses unchanged."""
+    from tierlift import TrainConfig, Trainer
+    from tierlift.models import build_model
+    from tierlift.models.config import ModelConfig
+
+    out = {}
+    for tag, policy in (("off", {"enabled": False}),
+                        ("on", {"stall_ms": 0.0, "stall_patience": 2, "cooldown_steps": 3, "max_prefetch": 3})):
+        cfg = TrainConfig.from_dict({
+            "model": MODEL, "data": {"seq_len": 16}, "train": {"micro_batch_size": 4, "max_steps": 12},
+            "optimizer": {"lr": 3.0e-3}, "zero": {"stage": 3, "prefetch_units": 0}, "run": {"device": "cpu"},
+            "policy": policy})
+        run_dir = os.path.join(tmp, tag)  # one run directory for both ranks (shared checkpoints)
+        t = Trainer(build_model(ModelConfig(**MODEL), seed=5), cfg, train_data=arith_samples(256, seed=2),
+                    run_dir=run_dir)
+        out[tag] = (t.fit().losses, t.engine.cfg.prefetch_units)
+        t.engine.close()
+    pattern = os.path.join(tmp, "on", "telemetry", f"events-rank-{os.environ['RANK']}-*.parquet")
+    events = [e for f in glob.glob(pattern) for e in pq.read_table(f).to_pylist()]
+    out["deeper"] = sorted(e["step"] for e in events if e["kind"] == "policy_prefetch_deeper")
+    return out
+
+
+@pytest.mark.slow
+def test_stalls_deepen_prefetch_on_every_rank(tmp_path):
+    out = run_ranks(_stalls, 2, str(tmp_path))
+    (ref, depth_off), (got, depth_on) = out["off"], out["on"]
+    assert depth_off == 0 and depth_on >= 2, (depth_off, depth_on)
+    assert out["deeper"], "the decision must be in the telemetry"
+    assert got == ref

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from typing import Any
 
 import torch
@@ -117,6 +118,10 @@ class ZeroEngine(EngineStateMixin):
         self._bwd_order: list[int] = []
         self._pending: list[tuple[RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
         self.order_changes = 0
+        # Host seconds spent blocked on parameters not there yet: gathers still in flight
+        # (gloo; NCCL waits on the device and does not block the host) and host
+        # optimizer steps not done.  Read and reset per step by the trainer (policy input).
+        self.stall_s = 0.0
         if activation_checkpointing:
             apply_activation_checkpointing(self.units)
         self._hooks = []
@@ -172,18 +177,31 @@ class ZeroEngine(EngineStateMixin):
         if self.host_opt is None:
             return c.compute_shard
         if c.compute_shard is None:  # parameters live on the host: bring them in for this gather
-            return self.host_opt.wait_chunk(c.spec.index).to(self.device, non_blocking=True)
+            return self._wait_host_step(c).to(self.device, non_blocking=True)
         if c.stale:
-            c.compute_shard.copy_(self.host_opt.wait_chunk(c.spec.index), non_blocking=True)
+            c.compute_shard.copy_(self._wait_host_step(c), non_blocking=True)
             c.stale = False
         return c.compute_shard
+
+    def _wait_host_step(self, c: RuntimeChunk) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.host_opt.wait_chunk(c.spec.index)
+        self.stall_s += time.perf_counter() - t0
+        return out
+
+    def take_stall_ms(self) -> float:
+        """Milliseconds the host waited for parameters since the last call."""
+        ms, self.stall_s = self.stall_s * 1e3, 0.0
+        return ms
 
     def _wait_gathered(self, g: Group | RuntimeChunk) -> None:
         self._issue_gather(g)
         for c in getattr(g, "chunks", [g]):
             if c.state is Residency.GATHERING:
                 if c.work is not None:
+                    t0 = time.perf_counter()
                     c.work.wait()
+                    self.stall_s += time.perf_counter() - t0
                     c.work = None
                 c.transition(Residency.GATHERED)
                 if self.cfg.debug_sync:

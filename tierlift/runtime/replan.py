@@ -53,25 +53,26 @@ class Replanner:
         for n in notes:
             log.info("plan note: %s", n)
 
-    def _agreed(self, step_time_s: float, rss: int) -> dict[str, float]:
+    def _agreed(self, step_time_s: float, rss: int, stall_ms: float) -> dict[str, float]:
         device = self.engine.device
-        vals = [step_time_s, float(rss), -float(psutil.virtual_memory().available)]
+        vals = [step_time_s, float(rss), -float(psutil.virtual_memory().available), stall_ms]
         if device.type == "cuda":
             vals += [float(torch.cuda.memory_reserved(device)),
                      -float(torch.cuda.get_device_properties(device).total_memory)]
         t = torch.tensor(vals, dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # worst rank; CPU tensor: the gloo side of the group
-        m = {"step_time_s": float(t[0]), "host_rss_bytes": float(t[1]), "host_available_bytes": -float(t[2])}
+        m = {"step_time_s": float(t[0]), "host_rss_bytes": float(t[1]), "host_available_bytes": -float(t[2]),
+             "prefetch_stall_ms": float(t[3])}
         if device.type == "cuda":
-            m["gpu_reserved_bytes"], m["gpu_cap_bytes"] = float(t[3]), -float(t[4])
+            m["gpu_reserved_bytes"], m["gpu_cap_bytes"] = float(t[4]), -float(t[5])
         return m
 
-    def step_end(self, step: int, step_time_s: float, rss: int) -> list[Decision]:
+    def step_end(self, step: int, step_time_s: float, rss: int, stall_ms: float = 0.0) -> list[Decision]:
         """Feed one step's measurements; carry out and return the decisions taken."""
         if self.policy is None:
             return []
-        decisions = self.policy.observe(step, self._agreed(step_time_s, rss))
+        decisions = self.policy.observe(step, self._agreed(step_time_s, rss, stall_ms))
         for d in decisions:
             self._apply(d)
             log.info("policy at step %d: %s: %s", step, d.kind, d.reason)

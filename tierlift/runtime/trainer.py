@@ -174,7 +174,11 @@ class Trainer:
                     row["eval_loss"] = self.evaluate()
                     summary.eval_losses.append((self.step, row["eval_loss"]))
                 tele.event("step_end", value=dt, step=self.step, step_time_s=dt, loss=m["loss"])
-                decisions = replanner.step_end(self.step, dt, mem["host_rss_bytes"]) if replanner else []
+                row["prefetch_stall_ms"] = stall_ms = self.engine.take_stall_ms()
+                if stall_ms:
+                    tele.event("prefetch_stall", value=stall_ms, step=self.step)
+                decisions = (replanner.step_end(self.step, dt, mem["host_rss_bytes"], stall_ms)
+                             if replanner else [])
                 for d in decisions:
                     tele.event(f"policy_{d.kind}", step=self.step, reason=d.reason, **d.new_plan_fields)
                 row["policy"] = ";".join(d.kind for d in decisions)  # every row: one Parquet schema
