@@ -31,11 +31,12 @@ import enum
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from tierlift.errors import TierliftError
+from tierlift.offload.pinned import Event, _round_up  # one guarding-event protocol for host and GPU buffers
 
 __all__ = ["SlotState", "SlotStateError", "ArenaExhaustedError", "Slot", "ArenaStats", "ChunkArena"]
 
@@ -63,15 +64,6 @@ class SlotStateError(RuntimeError):
 
 class ArenaExhaustedError(TierliftError):
     """Every slot of the class that fits the request is in use."""
-
-
-class Event(Protocol):
-    def query(self) -> bool: ...
-    def synchronize(self) -> None: ...
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 class _Record:

@@ -33,6 +33,16 @@ def _window(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": t[:-1], "labels": t[1:]}
 
 
+
+def _sample_index(i: int, n: int) -> int:
+    """``i`` as a non-negative index into ``n`` samples (negative counts from the end)."""
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"sample {i} out of range for {n} samples")
+    return i
+
 class TokenShardDataset(Dataset):
     """Samples cut from the concatenated token stream of one split of a shard directory.
 
@@ -106,11 +116,7 @@ class TokenShardDataset(Dataset):
         return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i = int(i)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"sample {i} out of range for {self._len} samples")
+        i = _sample_index(i, self._len)
         start = i * self.seq_len
         return _window(self.stream_tokens(start, start + self.seq_len + 1))
 
@@ -154,11 +160,7 @@ class SyntheticDataset(Dataset):
         return self.n_samples
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        i = int(i)
-        if i < 0:
-            i += self.n_samples
-        if not 0 <= i < self.n_samples:
-            raise IndexError(f"sample {i} out of range for {self.n_samples} samples")
+        i = _sample_index(i, self.n_samples)
         h = mix64(_SYNTH_TAG, self.seed, i)
         start = h % self.alphabet
         stride = 1 + (h >> 32) % self._max_stride
