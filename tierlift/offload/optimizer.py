@@ -4,9 +4,12 @@ soon as its gradient shard reaches the host.
 
 Two modes, both exact:
 
-- **immediate** (no clipping, no fp16 overflow check): a chunk's step runs in the
-  worker thread the moment its last micro-batch gradient lands, overlapping the
-  rest of backward (DeepSpeed serialises the optimizer after backward).
+- **immediate** (no clipping, no fp16 overflow check): a chunk's final gradient
+  waits on the device in a bounded backlog (``backlog.py``); the worker copies it
+  to a pinned ring slot and steps it, earliest next-forward deadline first, so the
+  steps overlap the rest of backward *and* the next forward (DeepSpeed serialises
+  the optimizer after backward).  ``step`` does not wait for them: the norm is
+  reduced on the device, and each gather waits only for its own chunk.
 - **deferred** (``grad_clip > 0`` or fp16): the global norm needs every gradient
   first; the worker keeps each chunk's squared norm as it lands, ``step`` does one
   all-reduce, then steps chunks in the *next forward's* order, so the step of chunk
@@ -17,10 +20,15 @@ NVMe-resident chunks pipeline read(i+1) / step(i) / write(i-1): reads are issued
 when a chunk is queued, at most ``buffer_count`` chunks hold staging buffers, and
 writes complete in the background (the chunk's next read waits for them).
 
-Sync points: ``accept_grad`` records a CUDA event after the D2H copy; the worker
+Host-tier chunks keep no compute-dtype copy: the engine copies the fp32 master to
+the device and casts there (PCIe has room; host memory and CPU bandwidth do not).
+NVMe-tier chunks keep a compute-dtype host copy, written after each step.
+
+Sync points: a device gradient travels with a CUDA event recorded after it was
+produced (immediate) or after its D2H copy (deferred, accumulation); the worker
 waits on it before touching the host buffer.  ``wait_chunk(i)`` blocks the caller
-until chunk i's step (and its compute-dtype copy) is done; the engine calls it
-before it copies the chunk's parameters back to the GPU.
+until chunk i's step is done; the engine calls it before it copies the chunk's
+parameters to the GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierlift.offload.backlog import GradBacklog, PendingGrad
 from tierlift.offload.policy import CPUOffload, NVMeOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig
 from tierlift.parallel.layout import Chunk
@@ -40,8 +49,9 @@ from tierlift.parallel.optim import ShardOptimizer
 
 __all__ = ["OffloadedOptimizer", "Tier"]
 
-# Gradient slots for immediate steps: two let one D2H land while the worker steps the
-# previous chunk; more would only hold memory (the worker is the bottleneck or not).
+# Pinned gradient slots for immediate steps: two let the next chunk's D2H land while the
+# worker steps this one; more would only hold host memory (waiting gradients stay on
+# the device, in the backlog).
 _RING_SLOTS = 2
 
 
@@ -63,7 +73,7 @@ class _HostChunk:
     tier: Tier
     shard_numel: int
     grad: torch.Tensor | None    # fp32, host; allocated on first need
-    param16: torch.Tensor        # compute dtype, host: what goes back to the GPU
+    param16: torch.Tensor | None  # compute dtype, host (NVMe tier only): what goes back to the GPU
     master: torch.Tensor | None  # fp32 host (None when on NVMe)
     states: dict[str, torch.Tensor]
     done: threading.Event
@@ -90,6 +100,7 @@ class OffloadedOptimizer:
         self.policy_buffer_count = max(2, getattr(policy, "buffer_count", 2))
         self._ring, self._ring_free, self._ring_cv = None, [], threading.Condition()
         self._free_sets, self._inflight_writes = [], []
+        self._early_reads: dict[int, tuple] = {}  # chunk -> reads issued when its gradient was staged
         self._staging_numel, self._staging_release = 0, []
         pin = device.type == "cuda" and getattr(policy, "pin_memory", True)
         tiers = self._place(chunks, policy)
@@ -100,12 +111,12 @@ class OffloadedOptimizer:
         self.chunks: list[_HostChunk] = []
         for j, (c, tier) in enumerate(zip(chunks, tiers)):
             n, m = c.shard_numel, masters[j]
-            (param16,), _ = self._alloc([n * compute_dtype.itemsize])
-            param16 = param16.view(compute_dtype)
-            param16.copy_(m)
             # grad: allocated on first need (accumulation or deferred steps); an
             # immediate step reads its gradient straight from a ring slot instead.
-            hc = _HostChunk(c.index, tier, n, None, param16, None, {}, threading.Event())
+            hc = _HostChunk(c.index, tier, n, None, None, None, {}, threading.Event())
+            if tier is Tier.NVME:
+                self._alloc_param16(hc)
+                hc.param16.copy_(m)
             hc.done.set()
             if tier is Tier.HOST:
                 self._alloc_state(hc)
@@ -120,14 +131,17 @@ class OffloadedOptimizer:
         self._lr = 0.0
         self._errors: list[BaseException] = []
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.backlog = GradBacklog(offload.grad_backlog_bytes)
+        self._sumsq_dev: dict[int, torch.Tensor] = {}  # chunk -> squared norm, reduced on its device
+        self._host_path = False  # a gradient of this step went through the worker's landing path
         # OpenMP thread counts are per OS thread: the worker must ask for the
         # caller's count itself (under Ray, OMP_NUM_THREADS=1 would leave it serial).
         self._threads = torch.get_num_threads()
         self.busy = {"wait_d2h": 0.0, "grad": 0.0, "norm": 0.0, "step": 0.0, "cast": 0.0, "nvme_read": 0.0}
+        if device.type == "cuda":  # before the worker starts: it uses the stream
+            self._d2h = torch.cuda.Stream(device)
         self._worker = threading.Thread(target=self._loop, name=f"tierlift-hostopt-r{rank}", daemon=True)
         self._worker.start()
-        if device.type == "cuda":
-            self._d2h = torch.cuda.Stream(device)
 
     # -- placement -------------------------------------------------------------
     def _place(self, chunks: list[Chunk], policy) -> list[Tier]:
@@ -146,7 +160,9 @@ class OffloadedOptimizer:
 
     def _host_bytes(self, c: Chunk, tier: Tier) -> int:
         n = c.shard_numel
-        return n * (4 + self.compute_dtype.itemsize) + (n * 4 * (1 + len(self.kinds)) if tier is Tier.HOST else 0)
+        if tier is Tier.HOST:
+            return n * 4 * (1 + len(self.kinds))
+        return n * self.compute_dtype.itemsize
 
     def _alloc(self, sizes: list[int]):
         """Byte buffers of ``sizes`` in one allocation, 4 KiB aligned (O_DIRECT straight
@@ -169,6 +185,10 @@ class OffloadedOptimizer:
         bufs, hc.release_state = self._alloc([hc.shard_numel * 4] * (1 + len(self.kinds)))
         hc.master = bufs[0].view(torch.float32)
         hc.states = {k: b.view(torch.float32).zero_() for k, b in zip(self.kinds, bufs[1:])}
+
+    def _alloc_param16(self, hc: _HostChunk) -> None:
+        (buf,), _ = self._alloc([hc.shard_numel * self.compute_dtype.itemsize])
+        hc.param16 = buf.view(self.compute_dtype)
 
     def _grad_buf(self, hc: _HostChunk) -> torch.Tensor:
         """The chunk's own fp32 gradient buffer (accumulation, deferred steps)."""
@@ -224,6 +244,9 @@ class OffloadedOptimizer:
             views = [hc.master] + [hc.states[k] for k in self.kinds]
             for h in [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]:
                 h.wait()
+            if hc.param16 is None:  # the engine now gathers from a compute-dtype host copy
+                self._alloc_param16(hc)
+                hc.param16.copy_(hc.master)
             hc.master, hc.states, hc.tier = None, {}, Tier.NVME
             hc.release_state()
             hc.release_state = None
@@ -233,7 +256,8 @@ class OffloadedOptimizer:
 
     @property
     def host_state_bytes(self) -> int:
-        """Host bytes held by fp32 masters and moments (what a move to NVMe frees)."""
+        """Host bytes held by fp32 masters and moments (a move to NVMe frees them and
+        adds a compute-dtype copy)."""
         return sum(hc.shard_numel * 4 * (1 + len(self.kinds)) for hc in self.chunks if hc.tier is Tier.HOST)
 
     def _open_nvme(self, chunks, masters, rank) -> None:
@@ -267,17 +291,18 @@ class OffloadedOptimizer:
             hc.done.wait()  # this chunk's previous step must be done before its grad buffer is reused
             self._raise()
             hc.phase = _ChunkPhase.GRAD
-        # Stepped as soon as it lands: a ring slot instead of a per-chunk buffer.
-        ring = first_micro and last_micro and not self.deferred
-        slot = self._ring_acquire() if ring else None  # the whole slot: it is released whole
+        if first_micro and last_micro and not self.deferred:
+            self._accept_immediate(hc, shard_grad)
+            return
+        self._host_path = True
         event = None
         if shard_grad.device.type == "cuda":
-            # D2H straight into the slot or the chunk's pinned fp32 buffer on the first
-            # micro-batch; later ones (or a non-fp32 reduce dtype) land in a staging
-            # buffer the worker converts/adds.  The device buffer outlives the copy.
+            # D2H straight into the chunk's pinned fp32 buffer on the first micro-batch;
+            # later ones (or a non-fp32 reduce dtype) land in a staging buffer the
+            # worker converts/adds.  The device buffer outlives the copy.
             direct = first_micro and shard_grad.dtype == torch.float32
             if direct:
-                dst = slot[:hc.shard_numel] if ring else self._grad_buf(hc)
+                dst = self._grad_buf(hc)
             else:
                 dst = torch.empty(shard_grad.shape, dtype=shard_grad.dtype, pin_memory=True)
             stream = self._d2h
@@ -289,15 +314,43 @@ class OffloadedOptimizer:
             shard_grad.record_stream(stream)
             shard_grad = None if direct else dst
         hc.done.clear()
-        self._q.put(("grad", (index, shard_grad, event, first_micro, last_micro, slot)))
+        self._q.put(("grad", (index, shard_grad, event, first_micro, last_micro)))
+
+    def _accept_immediate(self, hc: _HostChunk, grad: torch.Tensor) -> None:
+        """The chunk's final gradient of this step: its squared norm is reduced where
+        it lives (fp32, as clip_grad_norm_ does), and it waits in the backlog."""
+        self._sumsq_dev[hc.index] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        ready = None
+        if grad.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(grad.device))
+        hc.done.clear()
+        hc.phase = _ChunkPhase.STEPPING
+        self.backlog.put(PendingGrad(hc.index, grad, ready, self._lr, self.step_count))
+        self._q.put(("drain", None))
+
+    def set_step_order(self, order: list[int]) -> None:
+        """Chunk indices in the order the next forward gathers them: pending gradients
+        step in this order."""
+        self.backlog.set_deadlines(order)
 
     # -- the step ----------------------------------------------------------------
     def flush_grads(self) -> list[float]:
-        """Wait until every queued gradient landed; per-chunk squared norms (fp64)."""
-        ev = threading.Event()
-        self._q.put(("barrier", ev))
-        ev.wait()
+        """Per-chunk squared norms of this step's gradients.  Waits for the worker only
+        where it landed gradients itself (deferred steps, accumulation); immediate
+        steps go on in the background, each gather waiting for its own chunk."""
+        if self._host_path:
+            ev = threading.Event()
+            self._q.put(("barrier", ev))
+            ev.wait()
+            self._host_path = False
         self._raise()
+        if self._sumsq_dev:
+            idx = sorted(self._sumsq_dev)
+            vals = torch.stack([self._sumsq_dev[i] for i in idx]).tolist()  # sync point: the step's norms
+            for i, v in zip(idx, vals):
+                self.chunks[i].sumsq = float(v)
+            self._sumsq_dev.clear()
         return [hc.sumsq for hc in self.chunks]
 
     def step_deferred(self, lr: float, coef: float, order: list[int]) -> None:
@@ -317,11 +370,12 @@ class OffloadedOptimizer:
             hc.phase = _ChunkPhase.IDLE
 
     def wait_chunk(self, index: int) -> torch.Tensor:
-        """Block until chunk ``index`` stepped; its parameters in the compute dtype (host)."""
+        """Block until chunk ``index`` stepped; its parameters on the host: the fp32
+        master (host tier) or a compute-dtype copy (NVMe tier).  The caller casts."""
         hc = self.chunks[index]
         hc.done.wait()
         self._raise()
-        return hc.param16
+        return hc.master if hc.tier is Tier.HOST else hc.param16
 
     def wait_all(self) -> None:
         for hc in self.chunks:
@@ -335,6 +389,8 @@ class OffloadedOptimizer:
     # -- the worker -----------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_num_threads(self._threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while True:
             op, payload = self._q.get()
             try:
@@ -346,6 +402,8 @@ class OffloadedOptimizer:
                     payload.set()
                 elif op == "grad":
                     self._land_grad(*payload)
+                elif op == "drain":
+                    self._drain_backlog()
                 elif op == "steps":
                     self._run_steps(*payload)
             except BaseException as exc:  # surfaced on the training thread at its next wait
@@ -355,24 +413,17 @@ class OffloadedOptimizer:
                 if op == "barrier":
                     payload.set()
 
-    def _land_grad(self, i: int, grad: torch.Tensor | None, event, first: bool, last: bool,
-                   slot: torch.Tensor | None) -> None:
-        """``grad`` is None when the D2H copy went straight into its destination (the
-        ring ``slot``, or the chunk's buffer)."""
+    def _land_grad(self, i: int, grad: torch.Tensor | None, event, first: bool, last: bool) -> None:
+        """Accumulation and deferred steps: into the chunk's own fp32 buffer.  ``grad`` is
+        None when the D2H copy went straight into it."""
         hc = self.chunks[i]
         t0 = time.perf_counter()
         if event is not None:
             event.synchronize()
         t1 = time.perf_counter()
-        if slot is not None:
-            target = slot[:hc.shard_numel]
-            if grad is not None:
-                target.copy_(grad)
-        else:
-            target = self._grad_buf(hc)
-            if grad is None:
-                pass  # already D2H'd into hc.grad
-            elif first:
+        target = self._grad_buf(hc)
+        if grad is not None:
+            if first:
                 target.copy_(grad)
             else:
                 target.add_(grad.to(torch.float32))
@@ -383,15 +434,68 @@ class OffloadedOptimizer:
             # fp32 reduction (as clip_grad_norm_ does): an fp64 upcast costs ~30x more on CPU.
             hc.sumsq = float(torch.linalg.vector_norm(target)) ** 2
             self.busy["norm"] += time.perf_counter() - t2
-            if not self.deferred:
+            if not self.deferred:  # accumulated: step now (flush_grads waits for it)
                 hc.phase = _ChunkPhase.STEPPING
-                try:
-                    self._run_steps([i], self._lr, 1.0, self.step_count, grad=target)
-                finally:
-                    if slot is not None:
-                        self._ring_release(slot)
+                self._run_steps([i], self._lr, 1.0, self.step_count)
                 return
         hc.done.set()
+
+    def _drain_backlog(self) -> None:
+        """Step every pending gradient, earliest deadline first.  Device gradients are
+        copied into the pinned ring one chunk ahead of the step (the D2H of the next
+        overlaps this step); a gradient is released once its copy completed."""
+        staged: list[tuple[PendingGrad, torch.Tensor, object]] = []
+        while True:
+            while len(staged) < _RING_SLOTS:
+                item = self.backlog.take()
+                if item is None:
+                    break
+                staged.append(self._stage(item))
+            if not staged:
+                return
+            item, target, event = staged.pop(0)
+            t0 = time.perf_counter()
+            if event is not None:
+                event.synchronize()
+            self.busy["wait_d2h"] += time.perf_counter() - t0
+            slot, n = target, self.chunks[item.index].shard_numel
+            if slot is None:  # a host fp32 gradient steps where it is; its bytes stay counted until done
+                target = item.grad
+            else:
+                self.backlog.release(item)  # copied out: the device memory may go
+            try:
+                self._run_steps([item.index], item.lr, 1.0, item.step_count, grad=target[:n])
+            finally:
+                if slot is not None:
+                    self._ring_release(slot)
+                else:
+                    self.backlog.release(item)
+
+    def _stage(self, item: PendingGrad):
+        """Start moving ``item``'s gradient into a ring slot: (item, slot or None, event or None)."""
+        g = item.grad
+        if g.device.type != "cuda":
+            if self.chunks[item.index].tier is Tier.NVME and item.index not in self._early_reads:
+                self._early_reads[item.index] = self._issue_reads(item.index)
+            if g.dtype == torch.float32:
+                return item, None, None
+            slot = self._ring_acquire()
+            t0 = time.perf_counter()
+            slot[:g.numel()].copy_(g)
+            self.busy["grad"] += time.perf_counter() - t0
+            return item, slot, None
+        if self.chunks[item.index].tier is Tier.NVME and item.index not in self._early_reads:
+            self._early_reads[item.index] = self._issue_reads(item.index)  # read(i+1) overlaps step(i)
+        slot = self._ring_acquire()
+        with torch.cuda.stream(self._d2h):
+            self._d2h.wait_event(item.ready)
+            if g.dtype == torch.float32:
+                slot[:g.numel()].copy_(g, non_blocking=True)
+            else:  # the ring is fp32: widen on the device (a transient the size of the shard)
+                slot[:g.numel()].copy_(g.to(torch.float32), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._d2h)
+        return item, slot, event
 
     # NVMe staging: a set is (master, *states) fp32 buffers.  Reads for the next
     # chunks are issued before the current one steps; writes are left in flight and
@@ -413,12 +517,11 @@ class OffloadedOptimizer:
 
     def _issue_reads(self, i: int):
         hc = self.chunks[i]
-        for k, (bufs, handles, idx) in enumerate(list(self._inflight_writes)):
-            if idx == i:  # read-after-write of the same extents
-                for h in handles:
-                    h.wait()
-                self._inflight_writes.remove((bufs, handles, idx))
-                self._free_sets.append(bufs)
+        for entry in [e for e in self._inflight_writes if e[2] == i]:  # read-after-write of the same extents
+            for h in entry[1]:
+                h.wait()
+            self._inflight_writes = [e for e in self._inflight_writes if e is not entry]
+            self._free_sets.append(entry[0])
         bufs = self._acquire_set()
         views = [b.view(torch.float32)[:hc.shard_numel] for b in bufs]
         handles = [self.nvme.read((i, k), v) for k, v in zip(("master",) + self.kinds, views)]
@@ -438,7 +541,7 @@ class OffloadedOptimizer:
                 pos = nvme_order.index(i)
                 for j in nvme_order[pos:pos + lookahead]:
                     if j not in reads:
-                        reads[j] = self._issue_reads(j)
+                        reads[j] = self._early_reads.pop(j, None) or self._issue_reads(j)
                 bufs, views, handles = reads.pop(i)
                 t0 = time.perf_counter()
                 for h in handles:
@@ -454,7 +557,8 @@ class OffloadedOptimizer:
             ShardOptimizer(self.optim_cfg, [master], [g], [self.segments[i]], states=[states],
                            step_count=step_count).step(lr)
             t1 = time.perf_counter()
-            hc.param16.copy_(master)
+            if hc.param16 is not None:
+                hc.param16.copy_(master)
             self.busy["step"] += t1 - t0
             self.busy["cast"] += time.perf_counter() - t1
             if grad is None:
@@ -489,7 +593,7 @@ class OffloadedOptimizer:
             views = [master] + [states[k] for k in self.kinds]
             for h in [self.nvme.write((index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
                 h.wait()
-        hc.param16.copy_(master)
+            hc.param16.copy_(master)
 
     def begin_step(self, lr: float) -> None:
         """The learning rate of the step whose gradients are about to arrive (immediate mode)."""
@@ -510,6 +614,12 @@ class OffloadedOptimizer:
                 hc.release_state()
         if self.pool is not None:
             self.pool.close()
+
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds per worker phase, plus the seconds backward blocked on a
+        full gradient backlog (``backlog_blocked``) and its peak size in GiB."""
+        return {**self.busy, "backlog_blocked": self.backlog.blocked_s,
+                "backlog_peak_gib": self.backlog.peak_bytes / 2 ** 30}
 
     @property
     def pinned_bytes(self) -> int:

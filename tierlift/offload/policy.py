@@ -106,16 +106,23 @@ OffloadPolicy = Union[NoOffload, CPUOffload, NVMeOffload]
 @dataclass
 class OffloadConfig:
     """Where optimizer state (fp32 master, m, v) and parameters live, plus budgets
-    per tier in bytes (0 = no explicit budget)."""
+    per tier in bytes (0 = no explicit budget).
+
+    grad_backlog_bytes: with the optimizer offloaded and no clipping, gradients wait
+    on the device for their host step; backward blocks once this many bytes wait
+    (one chunk's gradient is always admitted).  It is device memory: lower it when
+    the GPU is tight, raise it when backward stalls on it (telemetry:
+    ``hostopt_backlog_blocked_s``)."""
 
     optimizer: OffloadPolicy = field(default_factory=NoOffload)
     param: OffloadPolicy = field(default_factory=NoOffload)
     host_budget_bytes: int = 0
     gpu_budget_bytes: int = 0
     nvme_budget_bytes: int = 0
+    grad_backlog_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        for name in ("host_budget_bytes", "gpu_budget_bytes", "nvme_budget_bytes"):
+        for name in ("host_budget_bytes", "gpu_budget_bytes", "nvme_budget_bytes", "grad_backlog_bytes"):
             v = getattr(self, name)
             check(v >= 0, f"offload.{name}", v, "must be >= 0.", "use 0 for no explicit budget.")
 

@@ -62,6 +62,8 @@ class RuntimeChunk:
         self.stale = False  # host optimizer stepped: the device copy must be refreshed before use
         self.state = Residency.GATHERED
         self.work = None
+        self.ready = None       # CUDA event: the H2D stream's part of a gather is done
+        self.gather_tmp = None  # device shard a gather reads, kept until the gather is waited for
         self.bytes = self.full.numel() * self.full.element_size()
         for slot, p in zip(spec.params, self.params):
             p.data = self.full[slot.offset:slot.end].view(slot.shape)

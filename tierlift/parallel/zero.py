@@ -11,8 +11,11 @@ every view autograd saved stays valid, so arbitrary models work unchanged.
 Sync points (GPU): all-gathers and reduce-scatters are issued async from the
 default stream, so NCCL's stream waits only for work enqueued before the issue
 (prefetches issued before a unit's compute overlap it); ``work.wait()`` makes the
-default stream wait, never the host.  On CPU (gloo) the same code runs with
-gloo's background threads.
+default stream wait, never the host.  With the optimizer on the host, a gather
+starts on the engine's H2D stream (this object owns it): the host master is
+copied in and cast there, then all-gathered from that stream; the chunk's
+``ready`` event makes the default stream wait.  On CPU (gloo) the same code runs
+with gloo's background threads.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class ZeroEngine(EngineStateMixin):
                                      host_optimizer=host_opt, host_params=host_params)
                        for c in self.layout]
         self.root = next((c for c in self.chunks if c.spec.unit == ""), None)
+        # Host -> device copies of parameters run here, beside compute (see the module doc).
+        self._h2d = torch.cuda.Stream(device) if device.type == "cuda" and host_opt else None
         self.groups = self._make_groups()
         self.host_opt = None
         if host_opt:
@@ -163,6 +168,9 @@ class ZeroEngine(EngineStateMixin):
                 continue
             c.transition(Residency.GATHERING)
             c.full.untyped_storage().resize_(c.bytes)
+            if self._h2d is not None:
+                self._gather_from_host(c)
+                continue
             shard = self._shard_for_gather(c)
             if self.world_size == 1:
                 c.full.copy_(shard, non_blocking=True)
@@ -171,17 +179,45 @@ class ZeroEngine(EngineStateMixin):
                 c.work = all_gather_flat(c.full, shard, async_op=True)
 
     def _shard_for_gather(self, c: RuntimeChunk) -> torch.Tensor:
-        """This rank's compute-dtype shard on the device.  With the optimizer on the
-        host, wait for the chunk's step and copy its new parameters in (H2D from
-        pinned memory, non-blocking on the current stream)."""
+        """This rank's compute-dtype shard (no host optimizer, or a CPU device).  With
+        the optimizer on the host, wait for the chunk's step and cast its new
+        parameters (fp32 master or compute-dtype copy) into the shard."""
         if self.host_opt is None:
             return c.compute_shard
-        if c.compute_shard is None:  # parameters live on the host: bring them in for this gather
-            return self._wait_host_step(c).to(self.device, non_blocking=True)
+        if c.compute_shard is None:  # parameters live on the host: a compute-dtype copy for this gather
+            return self._wait_host_step(c).to(self.compute_dtype)
         if c.stale:
-            c.compute_shard.copy_(self._wait_host_step(c), non_blocking=True)
+            c.compute_shard.copy_(self._wait_host_step(c))
             c.stale = False
         return c.compute_shard
+
+    def _gather_from_host(self, c: RuntimeChunk) -> None:
+        """GPU gather of a chunk whose parameters come from the host optimizer, on the
+        H2D stream: copy the host parameters in (fp32 master: 4 B/elem over PCIe, so
+        the host keeps no compute-dtype copy and the CPU casts nothing), cast on the
+        device, all-gather.  World size 1 casts straight into the gathered buffer."""
+        stream = self._h2d
+        # The gathered storage was just (re)allocated from the default stream's pool:
+        # kernels queued there may still use that memory.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            shard = c.compute_shard
+            if shard is None or c.stale:
+                src = self._wait_host_step(c)
+                if shard is None:
+                    shard = c.full if self.world_size == 1 else torch.empty(
+                        c.spec.shard_numel, dtype=self.compute_dtype, device=self.device)
+                    c.gather_tmp = None if shard is c.full else shard
+                shard.copy_(src.to(self.device, non_blocking=True))  # H2D, then the cast, both on this stream
+                c.stale = False
+            if self.world_size == 1:
+                if shard is not c.full:
+                    c.full.copy_(shard)
+                c.work = None
+            else:
+                c.work = all_gather_flat(c.full, shard, async_op=True)
+            c.ready = torch.cuda.Event()
+            c.ready.record(stream)
 
     def _wait_host_step(self, c: RuntimeChunk) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -203,6 +239,13 @@ class ZeroEngine(EngineStateMixin):
                     c.work.wait()
                     self.stall_s += time.perf_counter() - t0
                     c.work = None
+                if c.ready is not None:  # copied in on the H2D stream
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(c.ready)
+                    c.ready = None
+                    if c.gather_tmp is not None:  # NCCL read it: reusable once this stream gets here
+                        c.gather_tmp.record_stream(current)
+                        c.gather_tmp = None
                 c.transition(Residency.GATHERED)
                 if self.cfg.debug_sync:
                     self._check_gathered(c)
@@ -346,6 +389,8 @@ class ZeroEngine(EngineStateMixin):
                          self.rank, len(self._fwd_order), len(self._cur_order))
             self._fwd_order = list(self._cur_order)
         self._bwd_order = list(reversed(self._cur_order))
+        if self.host_opt is not None:  # waiting gradients step in the next forward's order
+            self.host_opt.set_step_order(self._step_order())
         if self.cfg.stage == 3:  # prefetched for a path not taken: release
             ran = set(self._cur_order)
             for g in self.groups:
