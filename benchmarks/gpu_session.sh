@@ -27,7 +27,7 @@ source benchmarks/setup_device.sh || { echo "setup failed"; exit 1; }
 echo "=== setup done at $(( SECONDS - T0 )) s"
 if has tests; then
     echo "=== stage tests ($(left) s left)"
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+    timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 fi
 if has phases; then
     echo "=== stage phases ($(left) s left)"

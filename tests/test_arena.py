@@ -178,24 +178,34 @@ def test_close_waits_pending_and_warns_on_busy():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_event_guards_slot_across_streams():
+    """A slot released with a pending event is handed out only behind that event: the
+    new holder's stream reads what the previous holder's stream wrote, however late."""
     with ChunkArena((16 * MiB, 1), device="cuda") as a:
         side, main = torch.cuda.Stream(), torch.cuda.current_stream()
-        torch.cuda._sleep(1000)  # load the kernel first: its lazy load must not eat the delay below
+        s = a.acquire(16 * MiB, stream=main)
+        s.view(torch.float32).zero_()
+        a.release(s)
+        x = torch.randn(4096, 4096, device="cuda")
         torch.cuda.synchronize()
         with torch.cuda.stream(side):
             s = a.acquire(16 * MiB, stream=side)
-            # The side stream's write lands late: ~1 s of GPU cycles, far longer than the host
-            # needs to reach acquire() below (seen on an H100: 0.1 s was not always enough).
-            torch.cuda._sleep(2_000_000_000)
+            # The side stream's write lands late, behind real work (a sleep kernel proved
+            # unreliable as a delay): ~100 GEMMs of 4096^2, well over 10 ms on an H100.
+            y = x
+            for _ in range(100):
+                y = torch.tanh(y @ x)
             s.view(torch.float32).fill_(1.0)
             ev = torch.cuda.Event()
             ev.record(side)
         a.release(s, ev)
+        pending = not ev.query()
         t = a.acquire(16 * MiB, stream=main)  # must order main after the side stream's write
-        assert t.waited and t.data_ptr == s.data_ptr and t.data_ptr % ALIGN == 0
-        t.view(torch.float32).fill_(2.0)
+        assert t.data_ptr == s.data_ptr and t.data_ptr % ALIGN == 0
+        assert t.waited or not pending or ev.query()
+        seen = t.view(torch.float32).clone()  # on main: must see the side's 1.0s, not the zeros
         torch.cuda.synchronize()
-        assert bool((t.view(torch.float32) == 2.0).all())
+        assert pending, "the side stream finished before acquire: the test proved nothing; lengthen its work"
+        assert bool((seen == 1.0).all())
         a.release(t)
 
 

@@ -137,6 +137,9 @@ class OffloadedOptimizer:
         # OpenMP thread counts are per OS thread: the worker must ask for the
         # caller's count itself (under Ray, OMP_NUM_THREADS=1 would leave it serial).
         self._threads = torch.get_num_threads()
+        self._cuda_index = None
+        if device.type == "cuda":
+            self._cuda_index = device.index if device.index is not None else torch.cuda.current_device()
         self.busy = {"wait_d2h": 0.0, "grad": 0.0, "norm": 0.0, "step": 0.0, "cast": 0.0, "nvme_read": 0.0}
         if device.type == "cuda":  # before the worker starts: it uses the stream
             self._d2h = torch.cuda.Stream(device)
@@ -389,8 +392,8 @@ class OffloadedOptimizer:
     # -- the worker -----------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_num_threads(self._threads)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if self._cuda_index is not None:  # per-thread current device: the caller's
+            torch.cuda.set_device(self._cuda_index)
         while True:
             op, payload = self._q.get()
             try:
