@@ -22,11 +22,13 @@ def _policies(tmp: str, rank_tag: str):
     return {
         "none": OffloadConfig(),
         "cpu": OffloadConfig(optimizer=CPUOffload(), param=CPUOffload()),
-        "nvme": OffloadConfig(optimizer=NVMeOffload(path=os.path.join(tmp, f"nvme-{rank_tag}")),
-                              param=CPUOffload()),
+        # small pieces: every chunk streams through the staging sets in several pieces
+        "nvme": OffloadConfig(optimizer=NVMeOffload(path=os.path.join(tmp, f"nvme-{rank_tag}"), buffer_size=2048,
+                                                    buffer_count=2), param=CPUOffload()),
         # a partial placement: some chunks' state in RAM, the rest on NVMe
         "mixed": OffloadConfig(optimizer=NVMeOffload(path=os.path.join(tmp, f"mixed-{rank_tag}"),
-                                                     max_in_cpu=4096), param=NoOffload()),
+                                                     max_in_cpu=4096, buffer_size=1024, buffer_count=3),
+                              param=NoOffload()),
     }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Iterator, Sequence
 
-__all__ = ["IO_ALIGN", "Extent", "ExtentPlan", "plan_extents", "key_to_json", "key_from_json"]
+__all__ = ["IO_ALIGN", "Extent", "ExtentPlan", "plan_extents", "key_to_json", "key_from_json", "split_pieces"]
 
 IO_ALIGN = 4096  # bytes: the O_DIRECT alignment we guarantee (covers 512 B and 4 KiB sectors)
 
@@ -179,3 +179,16 @@ def plan_extents(items: Sequence[tuple[Hashable, int]] | Iterable[tuple[Hashable
     plan = ExtentPlan(tuple(extents), align)
     _check_layout(plan)
     return plan
+
+
+def split_pieces(numel: int, piece_numel: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` element ranges that tile ``0..numel`` in pieces of ``piece_numel``
+    (the last may be shorter); one empty-free list, ``[]`` for ``numel == 0``.
+
+    Piece starts are multiples of ``piece_numel``: with 4-byte elements and
+    ``piece_numel`` a multiple of 1024 every piece starts 4 KiB-aligned (O_DIRECT)."""
+    if piece_numel < 1:
+        raise ValueError(f"piece_numel must be >= 1, got {piece_numel}")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    return [(lo, min(lo + piece_numel, numel)) for lo in range(0, numel, piece_numel)]

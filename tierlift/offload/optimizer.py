@@ -33,6 +33,7 @@ parameters to the GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import queue
 import threading
@@ -99,9 +100,7 @@ class OffloadedOptimizer:
         self.nvme = None
         self.policy_buffer_count = max(2, getattr(policy, "buffer_count", 2))
         self._ring, self._ring_free, self._ring_cv = None, [], threading.Condition()
-        self._free_sets, self._inflight_writes = [], []
-        self._early_reads: dict[int, tuple] = {}  # chunk -> reads issued when its gradient was staged
-        self._staging_numel, self._staging_release = 0, []
+        self._early_reads: dict[tuple[int, int], Staged] = {}  # (chunk, piece lo) -> reads issued at staging
         pin = device.type == "cuda" and getattr(policy, "pin_memory", True)
         tiers = self._place(chunks, policy)
         host_bytes = sum(self._host_bytes(c, t) for c, t in zip(chunks, tiers))
@@ -217,20 +216,6 @@ class OffloadedOptimizer:
             self._ring_free.append(slot)
             self._ring_cv.notify()
 
-    def _ensure_staging(self) -> None:
-        """Staging sets (master + moments, fp32) big enough for the largest NVMe-tier
-        chunk; (re)allocated only when that grows.  Caller: worker idle."""
-        need = max((hc.shard_numel for hc in self.chunks if hc.tier is Tier.NVME), default=0)
-        if need <= self._staging_numel:
-            return
-        self._drain_writes()
-        for release in self._staging_release:
-            release()
-        sets = [self._alloc([need * 4] * (1 + len(self.kinds))) for _ in range(self.policy_buffer_count)]
-        self._free_sets = [bufs for bufs, _ in sets]
-        self._staging_release = [release for _, release in sets]
-        self._staging_numel = need
-
     def move_to_nvme(self, indices: list[int]) -> list[int]:
         """Write the state of host-tier chunks ``indices`` to their extents and free their
         host buffers (a policy decision under host-memory pressure).  At a step boundary
@@ -238,15 +223,12 @@ class OffloadedOptimizer:
         if self.nvme is None:
             raise RuntimeError("move_to_nvme needs offload.optimizer of kind nvme")
         self.wait_all()
-        self._drain_writes()
         moved = []
         for i in indices:
             hc = self.chunks[i]
             if hc.tier is not Tier.HOST:
                 continue
-            views = [hc.master] + [hc.states[k] for k in self.kinds]
-            for h in [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]:
-                h.wait()
+            self.nvme.write_chunk(i, [hc.master] + [hc.states[k] for k in self.kinds])
             if hc.param16 is None:  # the engine now gathers from a compute-dtype host copy
                 self._alloc_param16(hc)
                 hc.param16.copy_(hc.master)
@@ -257,6 +239,9 @@ class OffloadedOptimizer:
         self._ensure_staging()
         return moved
 
+    def _ensure_staging(self) -> None:
+        self.nvme.ensure_staging(max((hc.shard_numel for hc in self.chunks if hc.tier is Tier.NVME), default=0))
+
     @property
     def host_state_bytes(self) -> int:
         """Host bytes held by fp32 masters and moments (a move to NVMe frees them and
@@ -264,26 +249,26 @@ class OffloadedOptimizer:
         return sum(hc.shard_numel * 4 * (1 + len(self.kinds)) for hc in self.chunks if hc.tier is Tier.HOST)
 
     def _open_nvme(self, chunks, masters, rank) -> None:
-        from tierlift.offload.extents import plan_extents
-        from tierlift.offload.nvme import NVMeFile
-        items = [((c.index, k), c.shard_numel * 4) for c in chunks for k in ("master",) + self.kinds]
-        self.nvme = NVMeFile(self.policy.path, rank, plan_extents(items), self.policy.aio,
-                             setting="offload.optimizer.path")
+        from tierlift.offload.nvme_state import DEFAULT_PIECE_NUMEL, NVMeStateStore
+        # Pieces start 4 KiB-aligned (O_DIRECT straight into slices of full-chunk buffers).
+        piece = max(1024, self.policy.buffer_size // 1024 * 1024) if self.policy.buffer_size else DEFAULT_PIECE_NUMEL
+        self.nvme = NVMeStateStore(self.policy.path, rank, [c.shard_numel for c in chunks], ("master",) + self.kinds,
+                                   self.policy.aio, self._alloc, self.policy_buffer_count, piece,
+                                   setting="offload.optimizer.path")
         self._ensure_staging()
-        if not self._free_sets:
-            return
-        # Initial state of NVMe-tier chunks: master from the model, zero moments.
-        bufs = self._free_sets[-1]
+        # Initial state of NVMe-tier chunks: master from the model, zero moments, a piece
+        # at a time through one staging set.
         for j, (hc, m) in enumerate(zip(self.chunks, masters)):
             if hc.tier is not Tier.NVME:
                 continue
-            views = [b.view(torch.float32)[:hc.shard_numel] for b in bufs]
-            views[0].copy_(m)
-            for v in views[1:]:
-                v.zero_()
-            for h in [self.nvme.write((hc.index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
-                h.wait()
+            for lo, hi in self.nvme.pieces[hc.index]:
+                staged = self.nvme.fresh(hc.index, lo, hi)
+                staged.views[0].copy_(m[lo:hi])
+                for v in staged.views[1:]:
+                    v.zero_()
+                self.nvme.start_write(staged)
             masters[j] = None
+        self.nvme.drain()
 
     # -- gradients arrive ----------------------------------------------------------
     def accept_grad(self, index: int, shard_grad: torch.Tensor, first_micro: bool, last_micro: bool) -> None:
@@ -398,10 +383,12 @@ class OffloadedOptimizer:
             op, payload = self._q.get()
             try:
                 if op == "stop":
-                    self._drain_writes()
+                    if self.nvme is not None:
+                        self.nvme.drain()
                     return
                 if op == "barrier":
-                    self._drain_writes()
+                    if self.nvme is not None:
+                        self.nvme.drain()
                     payload.set()
                 elif op == "grad":
                     self._land_grad(*payload)
@@ -477,9 +464,8 @@ class OffloadedOptimizer:
     def _stage(self, item: PendingGrad):
         """Start moving ``item``'s gradient into a ring slot: (item, slot or None, event or None)."""
         g = item.grad
+        self._read_ahead(item.index)  # NVMe: read(i+1) overlaps step(i)
         if g.device.type != "cuda":
-            if self.chunks[item.index].tier is Tier.NVME and item.index not in self._early_reads:
-                self._early_reads[item.index] = self._issue_reads(item.index)
             if g.dtype == torch.float32:
                 return item, None, None
             slot = self._ring_acquire()
@@ -487,8 +473,6 @@ class OffloadedOptimizer:
             slot[:g.numel()].copy_(g)
             self.busy["grad"] += time.perf_counter() - t0
             return item, slot, None
-        if self.chunks[item.index].tier is Tier.NVME and item.index not in self._early_reads:
-            self._early_reads[item.index] = self._issue_reads(item.index)  # read(i+1) overlaps step(i)
         slot = self._ring_acquire()
         with torch.cuda.stream(self._d2h):
             self._d2h.wait_event(item.ready)
@@ -500,77 +484,75 @@ class OffloadedOptimizer:
             event.record(self._d2h)
         return item, slot, event
 
-    # NVMe staging: a set is (master, *states) fp32 buffers.  Reads for the next
-    # chunks are issued before the current one steps; writes are left in flight and
-    # only waited for when their set is needed again (or the chunk is read again).
-    def _acquire_set(self):
-        if self._free_sets:
-            return self._free_sets.pop()
-        bufs, handles, _ = self._inflight_writes.pop(0)
-        for h in handles:
-            h.wait()
-        return bufs
-
-    def _drain_writes(self) -> None:
-        while getattr(self, "_inflight_writes", None):
-            bufs, handles, _ = self._inflight_writes.pop(0)
-            for h in handles:
-                h.wait()
-            self._free_sets.append(bufs)
-
-    def _issue_reads(self, i: int):
+    def _read_ahead(self, i: int) -> None:
+        """Start reading the first piece of NVMe-tier chunk ``i`` (if a set is free)."""
         hc = self.chunks[i]
-        for entry in [e for e in self._inflight_writes if e[2] == i]:  # read-after-write of the same extents
-            for h in entry[1]:
-                h.wait()
-            self._inflight_writes = [e for e in self._inflight_writes if e is not entry]
-            self._free_sets.append(entry[0])
-        bufs = self._acquire_set()
-        views = [b.view(torch.float32)[:hc.shard_numel] for b in bufs]
-        handles = [self.nvme.read((i, k), v) for k, v in zip(("master",) + self.kinds, views)]
-        return bufs, views, handles
+        if hc.tier is Tier.NVME and self.nvme.free_sets:
+            lo, hi = self.nvme.pieces[i][0]
+            if (i, lo) not in self._early_reads:
+                self._early_reads[(i, lo)] = self.nvme.start_read(i, lo, hi)
+
+    def _piece_segments(self, i: int, lo: int, hi: int):
+        """Chunk ``i``'s shard segments clipped to ``[lo, hi)`` and rebased to ``lo``."""
+        if lo == 0 and hi >= self.chunks[i].shard_numel:
+            return self.segments[i]
+        out = []
+        for sg in self.segments[i]:
+            a, b = max(sg.shard_lo, lo), min(sg.shard_hi, hi)
+            if a < b:
+                out.append(dataclasses.replace(sg, shard_lo=a - lo, shard_hi=b - lo,
+                                               param_lo=sg.param_lo + a - sg.shard_lo,
+                                               param_hi=sg.param_lo + b - sg.shard_lo))
+        return out
 
     @torch.no_grad()
     def _run_steps(self, order: list[int], lr: float, coef: float, step_count: int,
                    grad: torch.Tensor | None = None) -> None:
         """Step ``order``'s chunks; ``grad``: the (single) chunk's gradient when it is not
-        the chunk's own buffer (a ring slot)."""
-        nvme_order = [i for i in order if self.chunks[i].tier is Tier.NVME]
-        reads: dict[int, tuple] = {}
-        lookahead = max(1, self.policy_buffer_count - 1)
+        the chunk's own buffer (a ring slot).  Host-tier chunks step whole; NVMe-tier
+        chunks piece by piece, reads running ``buffer_count - 1`` pieces ahead and
+        writes behind (see nvme_state.py)."""
+        work = []  # (chunk, lo, hi, last piece of the chunk)
         for i in order:
             hc = self.chunks[i]
+            pieces = self.nvme.pieces[i] if hc.tier is Tier.NVME else [(0, hc.shard_numel)]
+            work += [(i, lo, hi, k == len(pieces) - 1) for k, (lo, hi) in enumerate(pieces)]
+        disk = [(i, lo, hi) for i, lo, hi, _ in work if self.chunks[i].tier is Tier.NVME]
+        pos = {w: n for n, w in enumerate(disk)}
+        reads: dict[tuple[int, int], object] = {}
+        lookahead = max(1, self.policy_buffer_count - 1)
+        for i, lo, hi, last in work:
+            hc = self.chunks[i]
             if hc.tier is Tier.NVME:
-                pos = nvme_order.index(i)
-                for j in nvme_order[pos:pos + lookahead]:
-                    if j not in reads:
-                        reads[j] = self._early_reads.pop(j, None) or self._issue_reads(j)
-                bufs, views, handles = reads.pop(i)
-                t0 = time.perf_counter()
-                for h in handles:
-                    h.wait()
-                self.busy["nvme_read"] += time.perf_counter() - t0
+                n = pos[(i, lo, hi)]
+                for j, jlo, jhi in disk[n:n + lookahead]:
+                    if (j, jlo) not in reads:
+                        reads[(j, jlo)] = self._early_reads.pop((j, jlo), None) or self.nvme.start_read(j, jlo, jhi)
+                staged = reads.pop((i, lo))
+                views = self.nvme.wait_read(staged)
                 master, states = views[0], dict(zip(self.kinds, views[1:]))
             else:
                 master, states = hc.master, hc.states
-            g = grad if grad is not None else self._grad_buf(hc)
+            g = (grad if grad is not None else self._grad_buf(hc))[lo:hi]
             if coef != 1.0:
                 g.mul_(coef)
             t0 = time.perf_counter()
-            ShardOptimizer(self.optim_cfg, [master], [g], [self.segments[i]], states=[states],
+            ShardOptimizer(self.optim_cfg, [master], [g], [self._piece_segments(i, lo, hi)], states=[states],
                            step_count=step_count).step(lr)
             t1 = time.perf_counter()
             if hc.param16 is not None:
-                hc.param16.copy_(master)
+                hc.param16[lo:hi].copy_(master)
             self.busy["step"] += t1 - t0
             self.busy["cast"] += time.perf_counter() - t1
             if grad is None:
                 g.zero_()
             if hc.tier is Tier.NVME:
-                writes = [self.nvme.write((i, k), v) for k, v in zip(("master",) + self.kinds, views)]
-                self._inflight_writes.append((bufs, writes, i))
-            hc.phase = _ChunkPhase.IDLE
-            hc.done.set()
+                self.nvme.start_write(staged)
+            if last:
+                hc.phase = _ChunkPhase.IDLE
+                hc.done.set()
+        if self.nvme is not None:
+            self.busy["nvme_read"] = self.nvme.read_wait_s
 
     # -- state access (checkpoints, consolidated weights) ----------------------------
     def chunk_state(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -581,11 +563,9 @@ class OffloadedOptimizer:
         hc = self.chunks[index]
         if hc.tier is Tier.HOST:
             return hc.master, hc.states
-        self._drain_writes()
         from tierlift.offload.nvme import aligned_empty
         views = [aligned_empty(hc.shard_numel * 4).view(torch.float32) for _ in range(1 + len(self.kinds))]
-        for h in [self.nvme.read((index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
-            h.wait()
+        self.nvme.read_chunk(index, views)
         return views[0], dict(zip(self.kinds, views[1:]))
 
     def commit_chunk_state(self, index: int, master: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
@@ -593,9 +573,7 @@ class OffloadedOptimizer:
         NVMe-tier state back to its extents and refresh the compute-dtype copy."""
         hc = self.chunks[index]
         if hc.tier is Tier.NVME:
-            views = [master] + [states[k] for k in self.kinds]
-            for h in [self.nvme.write((index, k), v) for k, v in zip(("master",) + self.kinds, views)]:
-                h.wait()
+            self.nvme.write_chunk(index, [master] + [states[k] for k in self.kinds])
             hc.param16.copy_(master)
 
     def begin_step(self, lr: float) -> None:
@@ -610,8 +588,6 @@ class OffloadedOptimizer:
         self._worker.join(timeout=30)
         if self.nvme is not None:
             self.nvme.close()
-        for release in self._staging_release:
-            release()
         for hc in self.chunks:
             if hc.release_state is not None:
                 hc.release_state()

@@ -67,9 +67,12 @@ class AioConfig:
 class NVMeOffload:
     """State lives in one preallocated extent file per rank under ``path``.
 
-    buffer_count: pinned staging buffers per rank; buffer_size: elements per
-    staging buffer (0 = sized to the largest chunk shard); max_in_cpu: elements
-    that may stay in host memory before spilling to NVMe (0 = none)."""
+    buffer_count: pinned staging sets per rank (a set holds one piece of master and
+    moments); buffer_size: elements per piece -- chunks are stepped through the
+    sets piece by piece, so NVMe-resident state costs ``buffer_count x 12 B x
+    buffer_size`` of host memory whatever the model size (0 = 16 Mi elements;
+    rounded down to a multiple of 1024 so pieces start 4 KiB-aligned); max_in_cpu: elements whose state may stay in
+    host memory before the rest goes to NVMe (0 = none)."""
 
     KIND = "nvme"
     path: str = ""
@@ -83,7 +86,7 @@ class NVMeOffload:
         check(self.buffer_count >= 2, "offload.*.buffer_count", self.buffer_count,
               "must be >= 2 (double buffering).", "use 4.")
         check(self.buffer_size >= 0, "offload.*.buffer_size", self.buffer_size, "must be >= 0.",
-              "use 0 to size buffers to the largest chunk shard.")
+              "use 0 for 16 Mi elements per piece.")
         check(self.max_in_cpu >= 0, "offload.*.max_in_cpu", self.max_in_cpu, "must be >= 0.", "use 0.")
         # The path last, after the numbers: so a tool that collects every error (deepspeed_compat)
         # reports bad numbers alongside a bad path instead of stopping at the path.

@@ -1,0 +1,165 @@
+"""Optimizer state on NVMe, in fixed-size pieces, with read-ahead and write-behind.
+
+Every chunk's fp32 master and moments have extents in the rank's file, split into
+pieces of at most ``piece_numel`` elements (``split_pieces``, pure).  Stepping a
+chunk streams it piece by piece through a few pinned *staging sets* (one buffer
+per state kind, ``piece_numel`` elements each), so host memory for NVMe-resident
+state is ``buffer_count x kinds x piece`` whatever the chunk sizes are, and the
+disk sees a steady queue of piece-sized requests:
+
+    read(piece k+1 .. k+buffer_count-1)  |  step(piece k)  |  write(piece k-1)
+
+A set returns to the pool when its write completes; a read of a piece whose write
+is still in flight waits for that write first (read-after-write).
+
+Sync points: ``start_read`` and ``start_write`` return at once; ``wait_read``
+blocks the caller (the optimizer's worker thread) until a piece's reads are done;
+``acquire`` may block on the oldest write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tierlift.offload.extents import plan_extents, split_pieces
+
+__all__ = ["NVMeStateStore", "Staged", "DEFAULT_PIECE_NUMEL"]
+
+# 16 Mi fp32 elements = 64 MiB per buffer: large requests for the disk, and a staging
+# set (master + 2 moments) of 192 MiB whatever the chunk size.
+DEFAULT_PIECE_NUMEL = 16 << 20
+
+
+@dataclass
+class Staged:
+    """One piece in flight: its staging set, views of the piece's length, I/O handles."""
+
+    chunk: int
+    lo: int
+    hi: int
+    bufs: list[torch.Tensor]
+    views: list[torch.Tensor]
+    handles: list = field(default_factory=list)
+
+
+class NVMeStateStore:
+    """Extents, staging sets and the piece pipeline of one rank's NVMe-resident state."""
+
+    def __init__(self, path: str, rank: int, shard_numels: list[int], kinds: tuple[str, ...], aio,
+                 alloc: Callable, buffer_count: int, piece_numel: int, setting: str) -> None:
+        """``kinds``: state names per chunk, the master first; ``alloc(sizes)`` returns
+        (byte buffers, release callable) -- pinned when the caller pins."""
+        from tierlift.offload.nvme import NVMeFile
+
+        self.kinds = kinds
+        self.piece_numel = piece_numel
+        self.pieces = [split_pieces(n, piece_numel) for n in shard_numels]
+        items = [((i, k, lo), (hi - lo) * 4) for i, ps in enumerate(self.pieces) for k in kinds for lo, hi in ps]
+        self.file = NVMeFile(path, rank, plan_extents(items), aio, setting=setting)
+        self._alloc = alloc
+        self.buffer_count = buffer_count
+        self._free: list[list[torch.Tensor]] = []
+        self._release: list[Callable] = []
+        self._inflight: list[Staged] = []  # writes in flight, oldest first
+        self.staging_numel = 0
+        self.read_wait_s = 0.0
+
+    # -- staging sets -----------------------------------------------------------------
+    @property
+    def free_sets(self) -> int:
+        return len(self._free)
+
+    def ensure_staging(self, numel: int) -> None:
+        """Staging sets for pieces of up to ``numel`` elements; (re)allocated only when that
+        grows.  Caller: nothing in flight on the worker."""
+        need = min(numel, self.piece_numel)
+        if need <= self.staging_numel:
+            return
+        self.drain()
+        for release in self._release:
+            release()
+        sets = [self._alloc([need * 4] * len(self.kinds)) for _ in range(self.buffer_count)]
+        self._free = [bufs for bufs, _ in sets]
+        self._release = [release for _, release in sets]
+        self.staging_numel = need
+
+    def _acquire(self) -> list[torch.Tensor]:
+        if self._free:
+            return self._free.pop()
+        if not self._inflight:
+            raise RuntimeError(f"NVMe staging: all {self.buffer_count} sets are held by reads; "
+                               "a piece must be stepped and written before more are read.")
+        oldest = self._inflight.pop(0)
+        for h in oldest.handles:
+            h.wait()
+        return oldest.bufs
+
+    def _settle_writes_of(self, chunk: int, lo: int) -> None:
+        """Read-after-write: a piece still being written must land before it is read."""
+        for s in [s for s in self._inflight if s.chunk == chunk and s.lo == lo]:
+            for h in s.handles:
+                h.wait()
+            self._inflight = [x for x in self._inflight if x is not s]
+            self._free.append(s.bufs)
+
+    # -- the piece pipeline ------------------------------------------------------------
+    def start_read(self, chunk: int, lo: int, hi: int) -> Staged:
+        self._settle_writes_of(chunk, lo)
+        bufs = self._acquire()
+        views = [b.view(torch.float32)[:hi - lo] for b in bufs]
+        st = Staged(chunk, lo, hi, bufs, views)
+        st.handles = [self.file.read((chunk, k, lo), v) for k, v in zip(self.kinds, views)]
+        return st
+
+    def fresh(self, chunk: int, lo: int, hi: int) -> Staged:
+        """A staging set for a piece whose contents the caller writes from scratch."""
+        self._settle_writes_of(chunk, lo)
+        bufs = self._acquire()
+        return Staged(chunk, lo, hi, bufs, [b.view(torch.float32)[:hi - lo] for b in bufs])
+
+    def wait_read(self, st: Staged) -> list[torch.Tensor]:
+        import time
+
+        t0 = time.perf_counter()
+        for h in st.handles:
+            h.wait()
+        self.read_wait_s += time.perf_counter() - t0
+        return st.views
+
+    def start_write(self, st: Staged) -> None:
+        """Write the piece back; its set returns to the pool when the write is done."""
+        st.handles = [self.file.write((st.chunk, k, st.lo), v) for k, v in zip(self.kinds, st.views)]
+        self._inflight.append(st)
+
+    def drain(self) -> None:
+        while self._inflight:
+            s = self._inflight.pop(0)
+            for h in s.handles:
+                h.wait()
+            self._free.append(s.bufs)
+
+    # -- whole chunks (setup, moves, checkpoints) ------------------------------------------
+    def write_chunk(self, chunk: int, views: list[torch.Tensor]) -> None:
+        """Write full-length ``views`` (one per kind) of ``chunk``; returns when durable in the file."""
+        self.drain()
+        handles = [self.file.write((chunk, k, lo), v[lo:hi]) for lo, hi in self.pieces[chunk]
+                   for k, v in zip(self.kinds, views)]
+        for h in handles:
+            h.wait()
+
+    def read_chunk(self, chunk: int, views: list[torch.Tensor]) -> None:
+        self.drain()
+        handles = [self.file.read((chunk, k, lo), v[lo:hi]) for lo, hi in self.pieces[chunk]
+                   for k, v in zip(self.kinds, views)]
+        for h in handles:
+            h.wait()
+
+    def close(self) -> None:
+        self.drain()
+        self.file.close()
+        for release in self._release:
+            release()
+        self._release, self._free = [], []
