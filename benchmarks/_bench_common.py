@@ -49,12 +49,28 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_SEED = 1234
 
 
+def model_preset(name: str) -> dict[str, Any]:
+    """A preset, or ``llama-H-L``: L1B's shape at hidden H and L layers (heads of 128,
+    intermediate 2.656 x H rounded to 64, as L1B's 5440 / 2048) -- the sizes of the
+    largest-model search."""
+    if name in MODEL_PRESETS:
+        return MODEL_PRESETS[name]
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "llama" and parts[1].isdigit() and parts[2].isdigit():
+        h, layers = int(parts[1]), int(parts[2])
+        if h % 128 == 0 and layers > 0:
+            inter = round(h * 5440 / 2048 / 64) * 64
+            return dict(hidden_size=h, num_hidden_layers=layers, num_attention_heads=h // 128,
+                        num_key_value_heads=h // 128, intermediate_size=inter, vocab_size=32000,
+                        max_position_embeddings=1024)
+    raise SystemExit(f"unknown --model {name!r}; choose from {sorted(MODEL_PRESETS)} or llama-H-L "
+                     "(hidden H a multiple of 128, L layers)")
+
+
 def model_config(name: str, seq: int):
     from transformers import LlamaConfig
 
-    if name not in MODEL_PRESETS:
-        raise SystemExit(f"unknown --model {name!r}; choose from {sorted(MODEL_PRESETS)}")
-    kw = dict(MODEL_PRESETS[name])
+    kw = dict(model_preset(name))
     # A longer --seq than the preset's table would silently index past RoPE's cache.
     kw["max_position_embeddings"] = max(kw["max_position_embeddings"], seq)
     return LlamaConfig(**kw, attn_implementation="sdpa", use_cache=False)

@@ -32,6 +32,7 @@ import argparse
 import glob
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,12 +62,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="1", help="comma-separated GPU counts (ranks), e.g. 1,2")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--model", default="l1b", choices=sorted(bc.MODEL_PRESETS))
+    p.add_argument("--model", default="l1b", help="a preset (l1b, tiny) or llama-H-L (hidden H, L layers)")
     p.add_argument("--steps", type=int, default=8, help="total optimizer steps per run (warmup included)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--mbs", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--offload", default="none", choices=["none", "cpu"])
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"])
+    p.add_argument("--nvme-dir", default="/tmp/tl-bench-nvme",
+                   help="NVMe tier directory; emptied after every run (--offload nvme)")
+    p.add_argument("--gpu-mem-gib", type=float, default=0.0, help="GPU memory cap per process (0 = none)")
+    p.add_argument("--host-cap-gib", type=float, default=0.0,
+                   help="host memory cap for each run's process tree, a cgroup v2 memory.max (root; 0 = none)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: gloo, --gpus then counts CPU ranks (smoke tests only)")
     p.add_argument("--repeats", type=int, default=1)
@@ -80,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="result JSON; the markdown goes next to it as .md")
     p.add_argument("--logdir", default=None, help="per-run logs and rank files (default: <out>_logs/)")
     a = p.parse_args(argv)
+    bc.model_preset(a.model)  # a bad --model fails here, not in every worker
     a.gpu_list = [int(g) for g in a.gpus.split(",") if g.strip()]
     a.system_list = [s.strip() for s in a.systems.split(",") if s.strip()]
     bad = [s for s in a.system_list if s not in SYSTEMS]
@@ -101,7 +108,9 @@ def worker_cmd(a, system: str, gpus: int, rank_out: str) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), WORKER,
            "--system", system, "--model", a.model, "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--mbs", str(a.mbs), "--seq", str(a.seq), "--offload", a.offload, "--device", a.device,
-           "--out", rank_out]
+           "--out", rank_out, "--nvme-dir", a.nvme_dir]
+    if a.gpu_mem_gib:
+        cmd += ["--gpu-mem-gib", str(a.gpu_mem_gib)]
     if a.ds_comm_dtype and system == "deepspeed":
         cmd += ["--ds-comm-dtype", a.ds_comm_dtype]
     if a.tl_config and system == "tierlift":
@@ -148,6 +157,33 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             continue
 
 
+def _host_cap_cgroup(a, tag: str) -> str:
+    """A cgroup v2 child with memory.max = --host-cap-gib and no swap (needs root and the
+    memory controller; design.md notes how).  Errors stop the sweep: an uncapped run
+    would silently measure something else."""
+    root = "/sys/fs/cgroup"
+    with open(os.path.join(root, "cgroup.subtree_control"), "a") as f:
+        f.write("+memory")
+    path = os.path.join(root, f"tl-bench-{os.getpid()}-{tag}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "memory.max"), "w") as f:
+        f.write(str(int(a.host_cap_gib * 2 ** 30)))
+    try:
+        with open(os.path.join(path, "memory.swap.max"), "w") as f:
+            f.write("0")
+    except OSError:
+        pass  # no swap accounting: there is no swap to escape to either
+    return path
+
+
+def _cgroup_oom_kills(path: str) -> int:
+    try:
+        with open(os.path.join(path, "memory.events")) as f:
+            return int(dict(line.split() for line in f).get("oom_kill", 0))
+    except (OSError, ValueError):
+        return -1
+
+
 def run_one(a, system: str, gpus: int, repeat: int, order_index: int, timeout: float) -> dict:
     tag = f"{system}_g{gpus}_r{repeat}"
     rank_out = os.path.join(a.logdir, tag + ".json")
@@ -161,9 +197,18 @@ def run_one(a, system: str, gpus: int, repeat: int, order_index: int, timeout: f
                  "omp_num_threads": env.get("OMP_NUM_THREADS"), "started": bc.now_iso(), "log": log_path}
     print(f"[bench_zero] run {tag}: {rec['cmd']}", flush=True)
     t0 = time.perf_counter()
+    cgroup = _host_cap_cgroup(a, tag) if a.host_cap_gib else None
+    if cgroup:
+        rec["host_cap"] = {"kind": "cgroup v2 memory.max (swap 0)", "gib": a.host_cap_gib, "cgroup": cgroup}
+
+    def enter_cgroup() -> None:  # in the child, before exec: the whole tree inherits it
+        if cgroup:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(HERE),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=enter_cgroup if cgroup else None)
         sampler = bc.TreeRSSSampler(proc.pid, hz=20.0, nvml=(a.device == "cuda"))
         sampler.start()
         timed_out = False
@@ -176,6 +221,10 @@ def run_one(a, system: str, gpus: int, repeat: int, order_index: int, timeout: f
             sampler.stop()
     rec["wall_s"] = time.perf_counter() - t0
     rec["returncode"] = proc.returncode
+    if cgroup:
+        rec["host_cap"]["oom_kills"] = _cgroup_oom_kills(cgroup)
+    if a.offload == "nvme":  # the next run needs the disk
+        shutil.rmtree(a.nvme_dir, ignore_errors=True)
     rec.update(sampler.result())
 
     ranks = []

@@ -41,12 +41,17 @@ WD = 0.1
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", required=True, choices=["tierlift", "deepspeed", "fsdp2"])
-    p.add_argument("--model", default="l1b", choices=sorted(bc.MODEL_PRESETS))
+    p.add_argument("--model", default="l1b", help="a preset (l1b, tiny) or llama-H-L")
     p.add_argument("--steps", type=int, default=8, help="total optimizer steps (warmup included)")
     p.add_argument("--warmup", type=int, default=3, help="leading steps excluded from the step time")
     p.add_argument("--mbs", type=int, default=8, help="micro-batch per rank")
     p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--offload", default="none", choices=["none", "cpu"])
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
+                   help="nvme: DeepSpeed ZeRO-Infinity (params + optimizer on NVMe); tierlift optimizer "
+                        "state on NVMe, bf16 parameters in host memory")
+    p.add_argument("--nvme-dir", default="/tmp/tl-bench-nvme", help="NVMe tier directory (a subdir per system)")
+    p.add_argument("--gpu-mem-gib", type=float, default=0.0,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); 0 = none")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: gloo backend, for smoke tests without a GPU")
     p.add_argument("--seed", type=int, default=bc.DEFAULT_SEED)
@@ -118,7 +123,7 @@ def run_deepspeed(args, model, x, y, device, world, rec):
     import torch
 
     _init_dist(device)
-    offload = args.offload == "cpu"
+    offload = args.offload in ("cpu", "nvme")
     if args.ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = bc.decay_groups(model, WD)
@@ -134,9 +139,14 @@ def run_deepspeed(args, model, x, y, device, world, rec):
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=fused)
         rec["optimizer_impl"] = f"torch.optim.AdamW(fused={fused})"
     zero = {"stage": 3}  # everything else: DeepSpeed's stage-3 defaults
-    if offload:
+    if args.offload == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    elif args.offload == "nvme":  # ZeRO-Infinity: both on NVMe, DeepSpeed's defaults otherwise
+        path = os.path.join(args.nvme_dir, "deepspeed")
+        os.makedirs(path, exist_ok=True)
+        zero["offload_param"] = {"device": "nvme", "nvme_path": path, "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": path, "pin_memory": True}
     ds_config = {
         "train_micro_batch_size_per_gpu": args.mbs,
         "gradient_accumulation_steps": 1,
@@ -149,6 +159,9 @@ def run_deepspeed(args, model, x, y, device, world, rec):
     }
     if args.ds_comm_dtype:
         ds_config["communication_data_type"] = args.ds_comm_dtype
+    if args.offload == "nvme":  # the same request size and depth as tierlift's engine defaults
+        ds_config["aio"] = {"block_size": 8 << 20, "queue_depth": 8, "intra_op_parallelism": 4,
+                            "single_submit": False, "overlap_events": True}
     rec["ds_config"] = ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
 
@@ -238,6 +251,9 @@ def tierlift_config(args, device, run_dir) -> dict:
     }
     if args.offload == "cpu":
         cfg["offload"] = {"optimizer": {"kind": "cpu"}, "param": {"kind": "cpu"}}
+    elif args.offload == "nvme":
+        cfg["offload"] = {"optimizer": {"kind": "nvme", "path": os.path.join(args.nvme_dir, "tierlift")},
+                          "param": {"kind": "cpu"}}
     if args.tl_config:
         cfg = _deep_merge(cfg, json.loads(args.tl_config))
     return cfg
@@ -302,6 +318,10 @@ def main(argv=None) -> int:
                 raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)  # so tierlift's and the peers' current device agree
+            if args.gpu_mem_gib:
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gib * 2 ** 30 / total), device)
+                rec["gpu_mem_cap_gib"] = args.gpu_mem_gib
         else:
             device = torch.device("cpu")
         # Import the system under test before building a 1B model: a broken install

@@ -596,9 +596,15 @@ class OffloadedOptimizer:
 
     def timings(self) -> dict[str, float]:
         """Cumulative seconds per worker phase, plus the seconds backward blocked on a
-        full gradient backlog (``backlog_blocked``) and its peak size in GiB."""
-        return {**self.busy, "backlog_blocked": self.backlog.blocked_s,
-                "backlog_peak_gib": self.backlog.peak_bytes / 2 ** 30}
+        full gradient backlog (``backlog_blocked``) and its peak size in GiB; with NVMe,
+        GiB the disk read and wrote and its busy seconds."""
+        out = {**self.busy, "backlog_blocked": self.backlog.blocked_s,
+               "backlog_peak_gib": self.backlog.peak_bytes / 2 ** 30}
+        if self.nvme is not None:  # what the disk moved, and how long it had work
+            st = self.nvme.file.stats()
+            out.update(nvme_read_gib=st.bytes_read / 2 ** 30, nvme_written_gib=st.bytes_written / 2 ** 30,
+                       nvme_busy=st.busy_s)
+        return out
 
     @property
     def pinned_bytes(self) -> int:

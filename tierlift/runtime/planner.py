@@ -10,9 +10,12 @@ bytes; s: optimizer state bytes per element incl. the fp32 master (AdamW 12, SGD
         resident chunks + (prefetch + 1) x the largest group at stage 3, all below;
         grads: resident + largest group in c, 2 reductions of the largest chunk in r;
         activations).  Construction gathers every chunk once: peak >= state + c sum p.
-  host  pinned pool, as tierlift/offload/optimizer.py carves it: (4 + c) n_i per
-        offloaded chunk (grad, compute-dtype copy), + s n_i where state stays in host
-        memory, + buffer_count x s x the largest NVMe chunk (staging).  RSS adds
+        Immediate host steps add the gradient backlog: min(grad_backlog_bytes, r N).
+  host  pinned pool, as tierlift/offload/optimizer.py carves it: s n_i where state
+        stays in host memory (the engine casts masters on the GPU: no host copy),
+        c n_i where it is on NVMe (the compute-dtype copy gathers read), + buffer_count
+        x s x min(largest NVMe chunk, piece) (staging), + gradients: a 2-slot ring of
+        the largest chunk (immediate) or 4 n_i per chunk (deferred).  RSS adds
         HOST_BASE_BYTES.   NVMe: s n_i where state is on NVMe.
 Placement: the first k chunks' state in host memory, the rest on NVMe, exactly what
 NVMeOffload(max_in_cpu = n_0 + .. + n_{k-1}) does.  "auto" tries GPU, host and the
@@ -24,13 +27,19 @@ Time per rank and step (M micro-batches; CPU and disk rates are per node, shared
         those parts forward; or the measured per-unit seconds x M.
   GPU optimizer N_gpu / gpu_adam, after backward, not overlapped.
   host path H = max(O, D): CPU optimizer O = N_off x CPU_PASS_FACTOR / cpu_adam; disk
-        D = sum s n_i (1/read + 1/write) over NVMe chunks (reads run ahead).  H hides
-        behind backward (immediate mode) or the next forward (deferred: clipping,
-        fp16), all but chunk 0's own step (tail): exposed = max(0, H-tail-window) + tail.
-  PCIe X: grads r N_off per micro-batch D2H; the new compute-dtype shard c N_off per
-        step H2D, or 2 c N per micro-batch with parameters on the host.  Exposed =
-        max(0, X - C) + the first copy + stalls where prefetch is shallower than one
-        group's copy needs.
+        D = sum s n_i (1/read + 1/write) over NVMe chunks (reads run ahead).  tail:
+        chunk 0's own D2H and step (its gradient comes last, the next forward needs it
+        first).  Immediate steps (no clipping) run earliest-next-forward-deadline
+        first behind backward *and* the next forward, so a step is bound by the longer
+        cycle: max(C + tail, H + idle), idle = the worker's wait between its last step
+        and the next gradient (prefetch depth + 1 groups' forward and one backward).
+        Deferred steps (clipping, fp16) hide behind the next forward only:
+        exposed = max(0, H - tail - forward) + tail.
+  PCIe X = max(H2D, D2H), the directions are independent: grads r N_off per micro-batch
+        D2H; parameters H2D as fp32 masters (4 B, cast on the GPU) from host-tier chunks
+        and c from NVMe-tier ones, once per step, or on every gather (2 per micro-batch)
+        with parameters on the host.  Exposed = max(0, X - C) + the first copy + stalls
+        where prefetch is shallower than one group's copy needs.
   step = C + GPU optimizer + exposed host path + exposed PCIe.
 A model of floors: steps measured above it are what Policy reports and acts on.
 """
@@ -52,7 +61,11 @@ __all__ = ["ModelShape", "Budgets", "NodeRates", "TrainingShape", "ChunkPlacemen
 GiB = 1 << 30
 GPU_SLACK = 1.10            # caching-allocator fragmentation on transient GPU buffers
 HOST_BASE_BYTES = int(3.2 * GiB)  # process RSS without offload (design.md §4, DeepSpeed ZeRO-3 on L1B)
-CPU_PASS_FACTOR = 1.7       # fused AdamW moves ~28 B/param; norm, bf16 copy-out and grad zeroing add ~20 B
+# The worker's AdamW in a run vs its isolated calibration rate: on the H100 it stepped L1B
+# in 0.27 s/step against 0.17 s isolated (DMA of gradients and masters shares the memory
+# bus; benchmarks/results/zero_h100x1_offload-cpu.md and offload_phases_h100.json).
+CPU_PASS_FACTOR = 1.6
+PIECE_NUMEL = 16 << 20      # NVMe staging piece (tierlift/offload/nvme_state.py)
 MAX_PREFETCH = 8
 _STATE_BYTES = {"adamw": 12, "sgd": 8}  # per element: fp32 master + (m, v) or momentum
 _SETTING = {t: f"offload.{t}_budget_bytes" for t in ("gpu", "host", "nvme")}  # the config keys budgets map to
@@ -136,6 +149,7 @@ class TrainingShape:
     zero_stage: int = 3
     active_params: int | None = None  # FLOPs count (MoE: routed share); None = all parameters
     optimizer: str = "adamw"        # adamw | sgd
+    grad_backlog_bytes: int = 4 << 30  # offload.grad_backlog_bytes (immediate steps)
 
 
 @dataclass(frozen=True)
@@ -266,6 +280,8 @@ def _gpu_bytes(sh: ModelShape, tr: TrainingShape, opt: str, param: str, depth: i
     c, r, s = tr.compute_bytes, tr.reduce_bytes, _STATE_BYTES[tr.optimizer]
     n, p = sh.shard_numel, sh.padded_numel
     opt_state = (s + 4) * sum(n) if opt == "none" else 0
+    if opt != "none" and not tr.deferred_step:  # gradients waiting for their host step
+        opt_state = min(tr.grad_backlog_bytes, r * sum(n))
     shard = c * sum(n) if param == "none" and (opt, c) != ("none", 4) else 0  # fp32 compute: the master itself
     res, big = sum(pi for pi, keep in zip(p, sh.resident) if keep), max(sh.groups or (0,))
     gathered = c * sum(p) if tr.zero_stage < 3 else c * (res + (depth + 1) * big)
@@ -275,8 +291,11 @@ def _gpu_bytes(sh: ModelShape, tr: TrainingShape, opt: str, param: str, depth: i
 
 def _host_bytes(sh: ModelShape, tr: TrainingShape, opt: str, k: int, buffers: int) -> int:
     n, c, s = sh.shard_numel, tr.compute_bytes, _STATE_BYTES[tr.optimizer]
-    staging = buffers * s * max(n[k:]) if k < len(n) else 0  # NVMe staging sets
-    return 0 if opt == "none" else (4 + c) * sum(n) + s * sum(n[:k]) + staging
+    if opt == "none":
+        return 0
+    staging = buffers * s * min(max(n[k:]), PIECE_NUMEL) if k < len(n) else 0  # NVMe staging sets
+    grads = 4 * sum(n) if tr.deferred_step else 2 * 4 * max(n)  # per-chunk buffers, or the ring
+    return s * sum(n[:k]) + c * sum(n[k:]) + staging + grads
 
 
 def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str], param: str, depth: int,
@@ -296,19 +315,29 @@ def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str],
     gpu_opt = sum(ni for ni, t in zip(n, tiers) if t == "gpu") / rates.gpu_adam_params_s
     cpu_opt = sum(off) * CPU_PASS_FACTOR / cpu_rate
     disk_of = [s * ni / rd + s * ni / wr if t == "nvme" else 0.0 for ni, t in zip(n, tiers)]
-    tail = (n[0] * CPU_PASS_FACTOR / cpu_rate + disk_of[0]) if off else 0.0  # chunk 0: first forward, last grad
-    window, disk = (fwd if tr.deferred_step else bwd), sum(disk_of)
-    exposed_host = max(0.0, max(cpu_opt, disk) - tail - window) + tail if off else 0.0
-    h2d_unit = c * max(sh.groups or (0,)) / sh.world_size / (rates.h2d_gbps * 1e9) if off else 0.0  # one group
-    h2d = (2 * M * c * sum(n) if param == "cpu" else c * sum(off)) / (rates.h2d_gbps * 1e9)
-    d2h = M * r * sum(off) / (rates.d2h_gbps * 1e9)
+    # chunk 0: first forward, last grad
+    tail = (n[0] * CPU_PASS_FACTOR / cpu_rate + r * n[0] / (rates.d2h_gbps * 1e9) + disk_of[0]) if off else 0.0
     units = max(1, len(sh.groups))
     t_unit = fwd / M / units  # one group's forward
+    window, disk = (fwd if tr.deferred_step else bwd), sum(disk_of)
+    host = max(cpu_opt, disk)
+    if not off:
+        exposed_host = 0.0
+    elif tr.deferred_step:
+        exposed_host = max(0.0, host - tail - window) + tail
+    else:
+        idle = (depth + 1) * t_unit + bwd / M / units
+        exposed_host = max(compute + tail, host + idle) - compute
+    # Bytes a gather copies in per element: fp32 masters of host-tier chunks, compute dtype from NVMe-tier ones.
+    h2d_elems = sum((4 if t == "host" else c) * ni for ni, t in zip(n, tiers) if t != "gpu")
+    h2d_unit = 4 * max(sh.groups or (0,)) / sh.world_size / (rates.h2d_gbps * 1e9) if off else 0.0  # one group
+    h2d = (2 * M * h2d_elems if param == "cpu" else h2d_elems) / (rates.h2d_gbps * 1e9)
+    d2h = M * r * sum(off) / (rates.d2h_gbps * 1e9)
     need = math.ceil(h2d_unit / t_unit) + 1 if t_unit > 0 else 2  # groups ahead that hide one copy
     want = max(1, min(MAX_PREFETCH, units - 1, max(2, need)))
     copies = 2 * M if param == "cpu" else 1  # copy-ins per group per step: every gather, or one refresh
     stall = copies * units * max(0.0, h2d_unit - depth * t_unit)
-    exposed_pcie = max(0.0, h2d + d2h - compute) + stall + (h2d_unit if param == "cpu" else 0.0)
+    exposed_pcie = max(0.0, max(h2d, d2h) - compute) + stall + (h2d_unit if param == "cpu" else 0.0)
     step = compute + gpu_opt + exposed_host + exposed_pcie
     est = StepEstimate(compute, fwd, bwd, gpu_opt, cpu_opt, disk, h2d + d2h, window, exposed_host, exposed_pcie,
                        step, tr.tokens_per_step / step if step > 0 else 0.0)
