@@ -9,6 +9,9 @@
 #   tests   the GPU-marked tests (pytest -m gpu), log in $OUT/gpu_tests.log
 #   phases  benchmarks/bench_offload_phases.py -> $OUT/offload_phases.json
 #   pinned  benchmarks/bench_pinned.py -> $OUT/pinned.json
+#   plan    tierlift doctor --calibrate, then tierlift plan of benchmarks/configs/l1b-offload-*.yaml
+#   nvme    NVMe engine vs DeepSpeed aio; L1B with the optimizer on NVMe vs ZeRO-Infinity; L1B with
+#           the planner's placement under PLAN_HOST_BUDGET (30GiB); report -> $OUT/nvme_l1b.md
 #   zero    benchmarks/gpu_zero.sh with what is left of the budget (its knobs:
 #           GPUS, SYSTEMS, OFFLOAD, STEPS, TL_CONFIG, EXTRA, SMOKE -- default 0 here)
 # TOTAL_S (default 580) bounds the whole call.
@@ -36,6 +39,48 @@ fi
 if has pinned; then
     echo "=== stage pinned ($(left) s left)"
     timeout 90 python3 benchmarks/bench_pinned.py --out "$OUT/pinned.json" --sizes-mib 256,1126 --repeats 1 2>&1 | tail -12
+fi
+if has plan; then  # calibrate this node, then the plan's predictions for the configs measured below
+    echo "=== stage plan ($(left) s left)"
+    mkdir -p /tmp/tl-bench-nvme/tierlift
+    timeout 90 python3 -m tierlift.launch.cli doctor --calibrate --no-disk-speed > "$OUT/doctor.txt" 2>&1
+    timeout 90 python3 -m tierlift.launch.cli doctor --calibrate --nvme-path /tmp/tl-bench-nvme/tierlift \
+        >> "$OUT/doctor.txt" 2>&1
+    grep -E "calibration|disk" "$OUT/doctor.txt" | head -6
+    for c in cpu nvme; do
+        python3 -m tierlift.launch.cli plan "benchmarks/configs/l1b-offload-$c.yaml" --as-configured --json \
+            > "$OUT/plan_$c.json" 2> "$OUT/plan_$c.err" || cat "$OUT/plan_$c.err"
+    done
+    # issue 5: the planner's own placement under a host budget equal to ZeRO-Infinity's L1B RSS
+    python3 -m tierlift.launch.cli plan benchmarks/configs/l1b-offload-nvme.yaml --host-budget "${PLAN_HOST_BUDGET:-30GiB}" \
+        --json > "$OUT/plan_nvme_budget.json" 2> "$OUT/plan_nvme_budget.err" || cat "$OUT/plan_nvme_budget.err"
+    python3 - "$OUT" <<'PY'
+import json, sys
+for tag in ("cpu", "nvme", "nvme_budget"):
+    try:
+        d = json.load(open(f"{sys.argv[1]}/plan_{tag}.json"))
+        print(f"plan {tag}: step {d['step']['step_s']:.3f} s, max_in_cpu {d['max_in_cpu']}, "
+              f"pinned {d['pinned_pool_bytes'] / 2**30:.2f} GiB, rates {d['rates']['source']}")
+    except Exception as exc:
+        print(f"plan {tag}: {exc}")
+PY
+fi
+if has nvme; then  # issue 4 (NVMe L1B vs ZeRO-Infinity) and 5 (planned placement), one H100 session
+    echo "=== stage nvme: engine vs DeepSpeed aio on this disk ($(left) s left)"
+    timeout 120 python3 benchmarks/bench_nvme.py --dir /tmp/tl-nvme-bench --size-gib 4 --block-sizes 8 \
+        --threads 4 --repeats 1 --budget 100 --out "$OUT/nvme_engine.json" 2>&1 | tail -4
+    rm -rf /tmp/tl-nvme-bench
+    echo "=== stage nvme: L1B, tierlift (optimizer on NVMe) and DeepSpeed ZeRO-Infinity ($(left) s left)"
+    SMOKE=0 OFFLOAD=nvme STEPS="${NVME_STEPS:-4}" WARMUP=1 SYSTEMS="${NVME_SYSTEMS:-tierlift,deepspeed}" \
+        BUDGET_S="$(( $(left) - 100 ))" OUT="$OUT" bash benchmarks/gpu_zero.sh | grep -E "^\[bench_zero\]|^\|" | head -30
+    if [ -f "$OUT/plan_nvme_budget.json" ]; then
+        echo "=== stage nvme: L1B with the planner's placement under the host budget ($(left) s left)"
+        TLC=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({'offload': {'optimizer': {'max_in_cpu': d['max_in_cpu']}}}))" "$OUT/plan_nvme_budget.json")
+        python3 benchmarks/bench_zero.py --gpus 1 --systems tierlift --model l1b --steps 6 --warmup 2 --offload nvme \
+            --timeout 150 --budget "$(( $(left) - 15 ))" --min-run-s 40 --tl-config "$TLC" \
+            --out "$OUT/zero_planned.json" --logdir /tmp/zero_logs_planned 2>&1 | grep -E "^\[bench_zero\]|^\|" | head -8
+    fi
+    python3 benchmarks/nvme_report.py "$OUT" || true
 fi
 if has zero; then
     echo "=== stage zero ($(left) s left)"

@@ -40,6 +40,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--gpu-budget", type=parse_bytes, metavar="BYTES", help="per rank, e.g. 24GiB (0 = unbounded)")
     p.add_argument("--host-budget", type=parse_bytes, metavar="BYTES", help="pinned host memory per rank")
     p.add_argument("--nvme-budget", type=parse_bytes, metavar="BYTES", help="NVMe bytes per rank")
+    p.add_argument("--as-configured", action="store_true",
+                   help="cost the config's own placement (offload.optimizer.max_in_cpu) instead of choosing one")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(handler=_cmd_plan)
 
@@ -83,6 +85,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             exc.fix = (exc.fix or "") + " Flags: --gpu-budget, --host-budget, --nvme-budget (e.g. 24GiB)."
             exc.args = (exc.render(),)
         raise
+    if args.as_configured and result.optimizer_kind == "nvme":
+        from itertools import accumulate
+        cap = getattr(cfg.offload.optimizer, "max_in_cpu", 0)  # NVMeOffload places chunks in order until it runs out
+        k = sum(1 for total in accumulate(p.shard_numel for p in result.placements) if total <= cap)
+        result = result.replan(host_chunks=k)
+        notes.append(f"as configured: max_in_cpu={cap:,} keeps {k} chunk(s) in host memory")
+        result = replace(result, notes=tuple(notes))
     if result.optimizer_kind == "nvme" and opt_kind == "auto":
         notes.append("optimizer state goes partly to NVMe: set offload.optimizer: {kind: nvme, path: DIR}")
         result = replace(result, notes=tuple(notes))

@@ -443,6 +443,9 @@ class OffloadedOptimizer:
                 staged.append(self._stage(item))
             if not staged:
                 return
+            # A gradient that landed after another was staged may be due sooner (the root's
+            # comes last and is needed first): step by deadline among the staged too.
+            staged.sort(key=lambda s: self.backlog.deadline(s[0].index))
             item, target, event = staged.pop(0)
             t0 = time.perf_counter()
             if event is not None:

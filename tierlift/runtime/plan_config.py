@@ -78,8 +78,7 @@ def _rough_params(m) -> int | None:
 
 def node_rates(cfg, notes: list[str]):
     """Rates from this node's calibration cache (the file ``load_or_calibrate`` keeps),
-    else design.md §4's H100 numbers.  Planning only reads the cache, never measures:
-    calibrate.py has no public read-only call yet, so its cache helpers are used."""
+    else design.md §4's H100 numbers.  Planning only reads the cache, never measures."""
     from tierlift.offload.policy import NVMeOffload
     from tierlift.runtime.planner import NodeRates
     d = NodeRates()
@@ -95,9 +94,7 @@ def node_rates(cfg, notes: list[str]):
         profile = probe_node(nvme)
         if nvme is None and profile.nvme is not None:
             nvme = profile.nvme.path
-        nvme = os.path.abspath(os.path.expanduser(nvme)) if nvme else None
-        path = calibrate._cache_path(calibrate.default_cache_dir(), profile.fingerprint(), nvme, block)
-        cal, _ = calibrate._read_cache(path, profile.fingerprint(), True)  # None: no usable file
+        cal, path = calibrate.load_cached(profile, nvme_path=nvme, block_size=block)  # None: no usable file
         if cal is None:
             notes.append(f"no calibration cache for this node ({path}); assumed {assumed}")
             return d

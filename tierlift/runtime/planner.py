@@ -29,7 +29,7 @@ Time per rank and step (M micro-batches; CPU and disk rates are per node, shared
   host path H = max(O, D): CPU optimizer O = N_off x CPU_PASS_FACTOR / cpu_adam; disk
         D = sum s n_i (1/read + 1/write) over NVMe chunks (reads run ahead).  tail:
         chunk 0's own D2H and step (its gradient comes last, the next forward needs it
-        first).  Immediate steps (no clipping) run earliest-next-forward-deadline
+        first) after the step the worker is in when it lands.  Immediate steps (no clipping) run earliest-next-forward-deadline
         first behind backward *and* the next forward, so a step is bound by the longer
         cycle: max(C + tail, H + idle), idle = the worker's wait between its last step
         and the next gradient (prefetch depth + 1 groups' forward and one backward).
@@ -256,7 +256,7 @@ class Plan:
             lo, hi, tag = run[0].index, run[-1].index, "" if len(run) == 1 else f" (x{len(run)})"
             rows.append(f"  {str(lo) if lo == hi else f'{lo}-{hi}':<9}{sh.units[lo][:31 - len(tag)] + tag:<32}"
                         f"{_count(n):>10}  {ot:<9}  {pt}")
-        mode = "next forward (deferred)" if tr.deferred_step else "backward (immediate)"
+        mode = "next forward (deferred)" if tr.deferred_step else "backward and the next forward (immediate)"
         rows += ["", f"predicted step {s.step_s:.3f} s ({s.tokens_per_s:,.0f} tokens/s per rank)",
                  f"  compute        {s.compute_s:8.3f} s  forward {s.forward_s:.3f}, backward {s.backward_s:.3f}",
                  f"  GPU optimizer  {s.gpu_optimizer_s:8.3f} s  after backward, not overlapped",
@@ -315,8 +315,11 @@ def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str],
     gpu_opt = sum(ni for ni, t in zip(n, tiers) if t == "gpu") / rates.gpu_adam_params_s
     cpu_opt = sum(off) * CPU_PASS_FACTOR / cpu_rate
     disk_of = [s * ni / rd + s * ni / wr if t == "nvme" else 0.0 for ni, t in zip(n, tiers)]
-    # chunk 0: first forward, last grad
-    tail = (n[0] * CPU_PASS_FACTOR / cpu_rate + r * n[0] / (rates.d2h_gbps * 1e9) + disk_of[0]) if off else 0.0
+    # chunk 0: first forward, last grad -- its D2H and step, after the step the worker is in
+    # the middle of when it lands (one average chunk)
+    mean_step = sum(off) / max(1, len(off)) * CPU_PASS_FACTOR / cpu_rate
+    tail = (n[0] * CPU_PASS_FACTOR / cpu_rate + r * n[0] / (rates.d2h_gbps * 1e9) + disk_of[0] + mean_step
+            if off else 0.0)
     units = max(1, len(sh.groups))
     t_unit = fwd / M / units  # one group's forward
     window, disk = (fwd if tr.deferred_step else bwd), sum(disk_of)

@@ -39,7 +39,8 @@ from tierlift.offload.nvme import NVMeError, NVMeFile, aligned_empty
 from tierlift.offload.policy import AioConfig
 from tierlift.system.probe import NodeProfile, probe_node
 
-__all__ = ["Calibration", "calibrate", "load_or_calibrate", "measure_units", "measure_disk", "default_cache_dir"]
+__all__ = ["Calibration", "calibrate", "load_or_calibrate", "load_cached", "measure_units", "measure_disk",
+           "default_cache_dir"]
 
 _FORMAT = "tierlift-calibration/1"
 _TARGET_S = {True: 0.5, False: 2.0}  # seconds per benchmark: quick / full
@@ -264,6 +265,16 @@ def calibrate(profile: NodeProfile, *, nvme_path: str | None = None, quick: bool
     return Calibration(**r, cpu_threads=torch.get_num_threads(), block_size=block_size, nvme_path=nvme_path,
                        quick=bool(quick), fingerprint=profile.fingerprint(), created_unix=time.time(),
                        seconds=time.perf_counter() - t0)
+
+
+def load_cached(profile: NodeProfile, *, nvme_path: str | None = None, block_size: int = 8 << 20,
+                cache_dir: str | None = None) -> tuple[Calibration | None, str]:
+    """This node's cached calibration for ``nvme_path`` without measuring anything:
+    (the numbers or None, the cache file's path).  What ``tierlift plan`` reads."""
+    nvme = os.path.abspath(os.path.expanduser(nvme_path)) if nvme_path else None
+    path = _cache_path(cache_dir or default_cache_dir(), profile.fingerprint(), nvme, block_size)
+    cal, _ = _read_cache(path, profile.fingerprint(), True)
+    return cal, path
 
 
 def default_cache_dir() -> str:

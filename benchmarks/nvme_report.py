@@ -1,0 +1,105 @@
+"""Issue 4's NVMe line and issue 5's planner lines from one device session's $OUT.
+
+    python benchmarks/nvme_report.py OUT_DIR      # writes OUT_DIR/nvme_l1b.md and .json
+
+Reads what ``STAGES=plan,nvme[,zero] bash benchmarks/gpu_session.sh`` left in OUT_DIR:
+``nvme_engine.json`` (bench_nvme.py: our engine and DeepSpeed's aio, same file and sizes),
+``zero_*_offload-nvme.json`` (L1B: tierlift with the optimizer on NVMe, DeepSpeed
+ZeRO-Infinity), ``zero_planned.json`` (tierlift with the planner's placement under the
+host budget), ``plan_*.json`` (``tierlift plan --json``) and, when present,
+``zero_*_offload-cpu.json``.
+
+The disk floor: the bytes tierlift's optimizer moves per step (fp32 master, m and v of
+every NVMe-resident shard element, read once and written once: 12 B each way) over the
+read and write rates our engine measured on the same disk in the same session.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+
+def _load(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _run(doc, system: str):
+    for r in (doc or {}).get("runs", []):
+        if r.get("system") == system and r.get("status") == "ok":
+            return r
+    return None
+
+
+def _fmt(x, nd=3):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def main(out: str) -> int:
+    rows, res = [], {}
+    eng = _load(os.path.join(out, "nvme_engine.json"))
+    read_gbps = write_gbps = None
+    if eng and eng.get("configs"):
+        med = eng["configs"][0]["median"]
+        read_gbps, write_gbps = med.get("tierlift_read_gbps"), med.get("tierlift_write_gbps")
+        res["engine"] = med
+        rows.append(f"| NVMe engine write / DeepSpeed aio (8 MiB, 4 threads) | {_fmt(med.get('ratio_write'))} | >= 0.95 |"
+                    f" {'met' if (med.get('ratio_write') or 0) >= 0.95 else 'NOT met'} |")
+        rows.append(f"| NVMe engine read / DeepSpeed aio | {_fmt(med.get('ratio_read'))} | >= 0.95 |"
+                    f" {'met' if (med.get('ratio_read') or 0) >= 0.95 else 'NOT met'} |")
+    nv = _load(next(iter(glob.glob(os.path.join(out, "zero_*_offload-nvme.json"))), ""))
+    tl, ds = _run(nv, "tierlift"), _run(nv, "deepspeed")
+    if tl:
+        n = tl.get("n_params") or 0
+        moved = 12 * n  # bytes each way per step (elements ~ params; shard padding is < 0.1%)
+        floor = moved / (read_gbps * 1e9) + moved / (write_gbps * 1e9) if read_gbps and write_gbps else None
+        res["tierlift_nvme"] = {"step_s": tl["step_s"], "rss_gib": tl.get("peak_rss_gib_max_rank"),
+                                "disk_floor_s": floor, "bytes_each_way": moved,
+                                "busy": (tl.get("tierlift_summary") or {}).get("offload_busy_s")}
+        if floor:
+            r = tl["step_s"] / floor
+            rows.append(f"| tierlift NVMe step / disk floor ({floor:.2f} s: {moved / 1e9:.1f} GB each way at "
+                        f"{read_gbps:.2f} / {write_gbps:.2f} GB/s) | {_fmt(r)} | <= 1.15 | {'met' if r <= 1.15 else 'NOT met'} |")
+    if tl and ds:
+        r, m = tl["step_s"] / ds["step_s"], tl["peak_rss_gib_max_rank"] / ds["peak_rss_gib_max_rank"]
+        res["vs_zero_infinity"] = {"step_ratio": r, "rss_ratio": m, "deepspeed_step_s": ds["step_s"],
+                                   "deepspeed_rss_gib": ds["peak_rss_gib_max_rank"]}
+        rows.append(f"| step time / ZeRO-Infinity ({tl['step_s']:.2f} vs {ds['step_s']:.2f} s) | {_fmt(r)} | <= 0.8 |"
+                    f" {'met' if r <= 0.8 else 'NOT met'} |")
+        rows.append(f"| peak RSS / ZeRO-Infinity ({tl['peak_rss_gib_max_rank']:.1f} vs {ds['peak_rss_gib_max_rank']:.1f} GiB)"
+                    f" | {_fmt(m)} | <= 0.35 | {'met' if m <= 0.35 else 'NOT met'} |")
+    planned = _run(_load(os.path.join(out, "zero_planned.json")), "tierlift")
+    if planned and ds:
+        x = ds["step_s"] / planned["step_s"]
+        res["planned_vs_zero_infinity"] = x
+        rows.append(f"| planner's placement under the host budget: tokens/s / ZeRO-Infinity ({planned['step_s']:.3f} vs "
+                    f"{ds['step_s']:.2f} s; RSS {planned.get('peak_rss_gib_max_rank', 0):.1f} GiB) | {_fmt(x, 1)} | >= 10 |"
+                    f" {'met' if x >= 10 else 'NOT met'} |")
+    cpu = _run(_load(next(iter(glob.glob(os.path.join(out, "zero_*_offload-cpu.json"))), "")), "tierlift")
+    for tag, measured in (("cpu", cpu), ("nvme", tl), ("nvme_budget", planned)):
+        plan = _load(os.path.join(out, f"plan_{tag}.json"))
+        if plan and measured:
+            pred = plan["step"]["step_s"]
+            err = pred / measured["step_s"] - 1
+            res[f"plan_{tag}"] = {"predicted_s": pred, "measured_s": measured["step_s"], "error": err,
+                                  "rates": plan["rates"]["source"], "max_in_cpu": plan["max_in_cpu"]}
+            rows.append(f"| plan prediction, {tag} ({pred:.3f} predicted vs {measured['step_s']:.3f} s measured) | "
+                        f"{err:+.1%} | within ±20% | {'met' if abs(err) <= 0.2 else 'NOT met'} |")
+    md = ["# L1B with NVMe offload and planned placement, one H100 session", "",
+          "| quantity | value | target | |", "|---|---|---|---|", *rows, ""]
+    with open(os.path.join(out, "nvme_l1b.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(out, "nvme_l1b.json"), "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
