@@ -377,3 +377,13 @@ def fmt(x: Any, nd: int = 3) -> str:
             return f"{x / 1000:.1f}k"
         return f"{x:.{nd}f}"
     return str(x)
+
+
+def llama_params(name: str) -> int:
+    """Parameters of a preset or llama-H-L without building it (untied embeddings;
+    q/k/v/o with kv heads = heads; gate/up/down; two RMSNorms per layer and a final one)."""
+    p = model_preset(name)
+    h, layers, inter, vocab = p["hidden_size"], p["num_hidden_layers"], p["intermediate_size"], p["vocab_size"]
+    kv = h * p["num_key_value_heads"] // p["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    return 2 * vocab * h + layers * per_layer + h

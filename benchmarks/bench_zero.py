@@ -162,10 +162,15 @@ def _host_cap_cgroup(a, tag: str) -> str:
     memory controller; design.md notes how).  Errors stop the sweep: an uncapped run
     would silently measure something else."""
     root = "/sys/fs/cgroup"
+    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
+        raise SystemExit(f"--host-cap-gib needs cgroup v2 mounted at {root} (this host has v1 or none); "
+                         "nothing was run uncapped.")
     with open(os.path.join(root, "cgroup.subtree_control"), "a") as f:
         f.write("+memory")
     path = os.path.join(root, f"tl-bench-{os.getpid()}-{tag}")
     os.makedirs(path, exist_ok=True)
+    if not os.path.exists(os.path.join(path, "memory.max")):  # a plain directory is not a capped cgroup
+        raise SystemExit(f"{path} has no memory.max: the memory controller is not enabled there; nothing was run.")
     with open(os.path.join(path, "memory.max"), "w") as f:
         f.write(str(int(a.host_cap_gib * 2 ** 30)))
     try:

@@ -12,6 +12,8 @@
 #   plan    tierlift doctor --calibrate, then tierlift plan of benchmarks/configs/l1b-offload-*.yaml
 #   nvme    NVMe engine vs DeepSpeed aio; L1B with the optimizer on NVMe vs ZeRO-Infinity; L1B with
 #           the planner's placement under PLAN_HOST_BUDGET (30GiB); report -> $OUT/nvme_l1b.md
+#   largest issue 4's largest model under 16 GiB GPU / 24 GiB host (cgroup) caps, ZeRO-Infinity vs
+#           tierlift (LARGEST="system:model:timeout ..."); report -> $OUT/largest_model.md
 #   zero    benchmarks/gpu_zero.sh with what is left of the budget (its knobs:
 #           GPUS, SYSTEMS, OFFLOAD, STEPS, TL_CONFIG, EXTRA, SMOKE -- default 0 here)
 # TOTAL_S (default 580) bounds the whole call.
@@ -81,6 +83,20 @@ if has nvme; then  # issue 4 (NVMe L1B vs ZeRO-Infinity) and 5 (planned placemen
             --out "$OUT/zero_planned.json" --logdir /tmp/zero_logs_planned 2>&1 | grep -E "^\[bench_zero\]|^\|" | head -8
     fi
     python3 benchmarks/nvme_report.py "$OUT" || true
+fi
+if has largest; then  # issue 4: largest model under a 16 GiB GPU cap and a 24 GiB host cap (cgroup v2)
+    # LARGEST: "system:model[:timeout]" runs in order; each gets what is left, the report reads them all.
+    for spec in ${LARGEST:-deepspeed:llama-2048-12:170 deepspeed:llama-1536-12:170 tierlift:llama-2560-24:260}; do
+        IFS=: read -r sys model tmo <<< "$spec"
+        echo "=== stage largest: $sys $model ($(left) s left)"
+        extra=()
+        [ "$sys" = tierlift ] && extra=(--tl-config '{"offload": {"grad_backlog_bytes": 2147483648}}')
+        python3 benchmarks/bench_zero.py --gpus 1 --systems "$sys" --model "$model" --steps 3 --warmup 1 \
+            --offload nvme --gpu-mem-gib 16 --host-cap-gib 24 --timeout "${tmo:-240}" --budget "$(( $(left) - 10 ))" \
+            --min-run-s 60 "${extra[@]}" --out "$OUT/largest_${sys}_${model}.json" --logdir "/tmp/largest_logs/$sys-$model" \
+            2>&1 | grep -E "^\[bench_zero\]" | head -6
+    done
+    python3 benchmarks/largest_report.py "$OUT" || true
 fi
 if has zero; then
     echo "=== stage zero ($(left) s left)"

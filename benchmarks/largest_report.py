@@ -1,0 +1,72 @@
+"""Issue 4's largest-model line from one device session's $OUT.
+
+    python benchmarks/largest_report.py OUT_DIR   # writes OUT_DIR/largest_model.md and .json
+
+Reads ``largest_<system>_<model>.json`` (bench_zero.py runs under the same caps:
+GPU memory per process and a cgroup v2 host-memory cap).  For each system the
+largest model that trained every step counts; a system whose every run failed has
+none.  The ratio is tierlift's largest over the peer's; when the peer also failed a
+smaller size, its largest is below that size and the ratio a lower bound.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as bc  # noqa: E402
+
+
+def main(out: str) -> int:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out, "largest_*.json"))):
+        try:
+            doc = json.load(open(path, encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        model = doc.get("params", {}).get("model")
+        for r in doc.get("runs", []):
+            runs.append({"system": r["system"], "model": model, "params": bc.llama_params(model),
+                         "status": r.get("status"), "step_s": r.get("step_s"),
+                         "peak_rss_gib": r.get("peak_rss_gib_max_rank"), "peak_gpu_alloc_gib": r.get("peak_gpu_alloc_gib"),
+                         "host_cap": r.get("host_cap"), "error": (r.get("error") or "")[:160]})
+    best = {}
+    for r in runs:
+        if r["status"] == "ok" and r["params"] > best.get(r["system"], {}).get("params", 0):
+            best[r["system"]] = r
+    failed_min = {}
+    for r in runs:
+        if r["status"] != "ok":
+            failed_min[r["system"]] = min(failed_min.get(r["system"], float("inf")), r["params"])
+    lines = ["# Largest model under a 16 GiB GPU cap and a 24 GiB host cap, one H100 session", "",
+             "| system | model | params (B) | status | step s | peak RSS GiB | peak GPU alloc GiB | OOM kills | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["system"], r["params"])):
+        cap = r["host_cap"] or {}
+        lines.append(f"| {r['system']} | {r['model']} | {r['params'] / 1e9:.3f} | {r['status']} | {bc.fmt(r['step_s'], 2)} | "
+                     f"{bc.fmt(r['peak_rss_gib'], 1)} | {bc.fmt(r['peak_gpu_alloc_gib'], 1)} | {cap.get('oom_kills', '–')} | "
+                     f"{r['error'] if r['status'] != 'ok' else ''} |")
+    res = {"runs": runs}
+    tl, ds = best.get("tierlift"), best.get("deepspeed")
+    if tl and ds:
+        ratio = tl["params"] / ds["params"]
+        bound = failed_min.get("deepspeed")
+        res.update(tierlift_largest=tl["params"], deepspeed_largest=ds["params"], ratio=ratio,
+                   deepspeed_failed_at=bound)
+        lines += ["", f"tierlift's largest trained: {tl['params'] / 1e9:.2f} B; DeepSpeed ZeRO-Infinity's: "
+                  f"{ds['params'] / 1e9:.2f} B" + (f" (it failed at {bound / 1e9:.2f} B, so its largest is below that; "
+                  f"tierlift / that bound = {tl['params'] / bound:.2f}x, a lower bound on the ratio)" if bound else "")
+                  + f". Ratio of the largest trained: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})."]
+    with open(os.path.join(out, "largest_model.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "largest_model.json"), "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
