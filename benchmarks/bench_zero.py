@@ -83,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--min-run-s", type=float, default=60.0)
     p.add_argument("--ds-comm-dtype", default=None, choices=["fp32", "bf16"])
     p.add_argument("--tl-config", default=None, help="JSON merged over tierlift's config (passed to the worker)")
+    p.add_argument("--tl-run-dir", default=None, help="tierlift trains with this run directory (passed to the worker)")
     p.add_argument("--out", required=True, help="result JSON; the markdown goes next to it as .md")
     p.add_argument("--logdir", default=None, help="per-run logs and rank files (default: <out>_logs/)")
     a = p.parse_args(argv)
@@ -115,6 +116,8 @@ def worker_cmd(a, system: str, gpus: int, rank_out: str) -> list[str]:
         cmd += ["--ds-comm-dtype", a.ds_comm_dtype]
     if a.tl_config and system == "tierlift":
         cmd += ["--tl-config", a.tl_config]
+    if a.tl_run_dir and system == "tierlift":
+        cmd += ["--tl-run-dir", a.tl_run_dir]
     return cmd
 
 

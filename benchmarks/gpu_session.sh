@@ -14,9 +14,11 @@
 #           the planner's placement under PLAN_HOST_BUDGET (30GiB); report -> $OUT/nvme_l1b.md
 #   largest issue 4's largest model under 16 GiB GPU / 24 GiB host (cgroup) caps, ZeRO-Infinity vs
 #           tierlift (LARGEST="system:model:timeout ..."); report -> $OUT/largest_model.md
+#   telemetry  L1B without offload, telemetry on vs off -> $OUT/telemetry_overhead.md
 #   zero    benchmarks/gpu_zero.sh with what is left of the budget (its knobs:
 #           GPUS, SYSTEMS, OFFLOAD, STEPS, TL_CONFIG, EXTRA, SMOKE -- default 0 here)
-# TOTAL_S (default 580) bounds the whole call.
+# TOTAL_S (default 580) bounds the whole call.  At the end every file but the *.md summaries
+# goes into $OUT/session.tgz (the device returns at most 8 files; BUNDLE=0 keeps them loose).
 set -u -o pipefail
 T0=$SECONDS
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -98,6 +100,30 @@ if has largest; then  # issue 4: largest model under a 16 GiB GPU cap and a 24 G
     done
     python3 benchmarks/largest_report.py "$OUT" || true
 fi
+if has telemetry; then  # issue 5: the sampler's cost, L1B without offload, telemetry on vs off, same run dir writers
+    for tele in true false; do
+        echo "=== stage telemetry: enabled=$tele ($(left) s left)"
+        python3 benchmarks/bench_zero.py --gpus 1 --systems tierlift --model l1b --steps 14 --warmup 4 --offload none \
+            --timeout 200 --budget "$(( $(left) - 10 ))" --min-run-s 60 --tl-config "{\"telemetry\": {\"enabled\": $tele}}" \
+            --tl-run-dir "/tmp/tl-tele-$tele" --out "$OUT/telemetry_$tele.json" --logdir "/tmp/tele_logs_$tele" \
+            2>&1 | grep -E "^\[bench_zero\] tierlift" | head -3
+        ls /tmp/tl-tele-$tele/telemetry 2>/dev/null | head -3
+        rm -rf "/tmp/tl-tele-$tele/checkpoints"
+    done
+    python3 - "$OUT" <<'PY' | tee "$OUT/telemetry_overhead.md"
+import json, sys
+def run(tag):
+    d = json.load(open(f"{sys.argv[1]}/telemetry_{tag}.json"))
+    return next(r for r in d["runs"] if r["status"] == "ok")
+on, off = run("true"), run("false")
+ratio = on["step_s"] / off["step_s"]
+print("# Telemetry overhead, L1B ZeRO-3 without offload, one H100, one session\n")
+print(f"- telemetry on: {on['step_s']:.4f} s/step (median of {len(on['step_times_s']) - 4} timed steps); "
+      f"off: {off['step_s']:.4f} s/step; overhead {ratio - 1:+.2%} (target <= 1%: {'met' if ratio - 1 <= 0.01 else 'NOT met'})")
+print(f"- per-step times on:  {[round(x, 4) for x in on['step_times_s']]}")
+print(f"- per-step times off: {[round(x, 4) for x in off['step_times_s']]}")
+PY
+fi
 if has zero; then
     echo "=== stage zero ($(left) s left)"
     SMOKE="${SMOKE:-0}" BUDGET_S="$(( $(left) - 10 ))" OUT="$OUT" bash benchmarks/gpu_zero.sh
@@ -111,5 +137,11 @@ for f in sorted(glob.glob(sys.argv[1] + "/zero_*.json")):
             print(f"  busy {({k: round(v, 3) for k, v in (s.get('offload_busy_s') or {}).items()})}")
             print(f"  pinned {s.get('pinned_bytes', 0) / 2**30:.2f} GiB, own peak RSS {s.get('peak_host_rss_bytes', 0) / 2**30:.2f} GiB")
 PY
+fi
+# The device returns at most 8 files: everything goes into one archive, the summaries stay beside it.
+if [ "${BUNDLE:-1}" = 1 ]; then
+    mkdir -p /tmp/session_all && find "$OUT" -maxdepth 1 -type f ! -name '*.md' ! -name 'session.tgz' \
+        -exec mv {} /tmp/session_all/ \;
+    tar czf "$OUT/session.tgz" -C /tmp/session_all . && ls "$OUT"
 fi
 echo "=== session done in $(( SECONDS - T0 )) s"

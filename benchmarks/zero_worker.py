@@ -50,6 +50,9 @@ def parse_args(argv=None):
                    help="nvme: DeepSpeed ZeRO-Infinity (params + optimizer on NVMe); tierlift optimizer "
                         "state on NVMe, bf16 parameters in host memory")
     p.add_argument("--nvme-dir", default="/tmp/tl-bench-nvme", help="NVMe tier directory (a subdir per system)")
+    p.add_argument("--tl-run-dir", default=None,
+                   help="tierlift: train with this run directory (metrics, telemetry, a final checkpoint) "
+                        "instead of none -- for measuring what the run directory's writers cost")
     p.add_argument("--gpu-mem-gib", type=float, default=0.0,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction); 0 = none")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -274,7 +277,9 @@ def run_tierlift(args, model, ids, labels, device, world, rec):
     cfg = TrainConfig.from_dict(cfg_dict)
     n = ids.shape[0]
     samples = [{"input_ids": ids[i], "labels": labels[i]} for _ in range(args.steps) for i in range(n)]
-    trainer = Trainer(model, cfg, train_data=samples)
+    if args.tl_run_dir:
+        rec["tl_run_dir"] = args.tl_run_dir
+    trainer = Trainer(model, cfg, train_data=samples, run_dir=args.tl_run_dir)
     t0 = time.perf_counter()
     summary = trainer.fit(max_steps=args.steps)
     wall = time.perf_counter() - t0

@@ -365,6 +365,10 @@ class OffloadedOptimizer:
         self._raise()
         return hc.master if hc.tier is Tier.HOST else hc.param16
 
+    def is_stepped(self, index: int) -> bool:
+        """Chunk ``index`` has no step queued or running (``wait_chunk`` would not block)."""
+        return self.chunks[index].done.is_set()
+
     def wait_all(self) -> None:
         for hc in self.chunks:
             hc.done.wait()

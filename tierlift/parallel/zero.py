@@ -219,6 +219,11 @@ class ZeroEngine(EngineStateMixin):
             c.ready = torch.cuda.Event()
             c.ready.record(stream)
 
+    def _host_step_pending(self, g: Group) -> bool:
+        """A gather of ``g`` would wait for a host optimizer step still running."""
+        return self.host_opt is not None and any(
+            (c.compute_shard is None or c.stale) and not self.host_opt.is_stepped(c.spec.index) for c in g.chunks)
+
     def _wait_host_step(self, c: RuntimeChunk) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.host_opt.wait_chunk(c.spec.index)
@@ -278,6 +283,8 @@ class ZeroEngine(EngineStateMixin):
             if self._is_sharded(g):
                 if bound and self._live_numel() + g.numel > bound:
                     return
+                if self._host_step_pending(g):  # a prefetch must not block on the host optimizer:
+                    return                      # the unit's own pre-forward gathers it when due
                 self._issue_gather(g)
 
     # -- hooks ---------------------------------------------------------------

@@ -27,14 +27,14 @@ Time per rank and step (M micro-batches; CPU and disk rates are per node, shared
         those parts forward; or the measured per-unit seconds x M.
   GPU optimizer N_gpu / gpu_adam, after backward, not overlapped.
   host path H = max(O, D): CPU optimizer O = N_off x CPU_PASS_FACTOR / cpu_adam; disk
-        D = sum s n_i (1/read + 1/write) over NVMe chunks (reads run ahead).  tail:
-        chunk 0's own D2H and step (its gradient comes last, the next forward needs it
-        first) after the step the worker is in when it lands.  Immediate steps (no clipping) run earliest-next-forward-deadline
-        first behind backward *and* the next forward, so a step is bound by the longer
-        cycle: max(C + tail, H + idle), idle = the worker's wait between its last step
-        and the next gradient (prefetch depth + 1 groups' forward and one backward).
-        Deferred steps (clipping, fp16) hide behind the next forward only:
-        exposed = max(0, H - tail - forward) + tail.
+        D = sum s n_i (1/read + 1/write) over NVMe chunks (reads run ahead); per chunk
+        the worker needs max(its CPU step, its disk time).  How much of H a step
+        exposes depends on order, so it is simulated (``_simulate_period``): the GPU
+        runs the forward chunk by chunk, each waiting for its step and its H2D copy,
+        then the backward, releasing gradients in reverse (all at once after backward
+        for deferred steps: clipping, fp16); one worker steps released chunks
+        earliest-next-forward-deadline first, without preemption.  The steady
+        distance between forward starts is the period; exposed = period - C.
   PCIe X = max(H2D, D2H), the directions are independent: grads r N_off per micro-batch
         D2H; parameters H2D as fp32 masters (4 B, cast on the GPU) from host-tier chunks
         and c from NVMe-tier ones, once per step, or on every gather (2 per micro-batch)
@@ -315,22 +315,15 @@ def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str],
     gpu_opt = sum(ni for ni, t in zip(n, tiers) if t == "gpu") / rates.gpu_adam_params_s
     cpu_opt = sum(off) * CPU_PASS_FACTOR / cpu_rate
     disk_of = [s * ni / rd + s * ni / wr if t == "nvme" else 0.0 for ni, t in zip(n, tiers)]
-    # chunk 0: first forward, last grad -- its D2H and step, after the step the worker is in
-    # the middle of when it lands (one average chunk)
-    mean_step = sum(off) / max(1, len(off)) * CPU_PASS_FACTOR / cpu_rate
-    tail = (n[0] * CPU_PASS_FACTOR / cpu_rate + r * n[0] / (rates.d2h_gbps * 1e9) + disk_of[0] + mean_step
-            if off else 0.0)
     units = max(1, len(sh.groups))
     t_unit = fwd / M / units  # one group's forward
     window, disk = (fwd if tr.deferred_step else bwd), sum(disk_of)
-    host = max(cpu_opt, disk)
-    if not off:
-        exposed_host = 0.0
-    elif tr.deferred_step:
-        exposed_host = max(0.0, host - tail - window) + tail
-    else:
-        idle = (depth + 1) * t_unit + bwd / M / units
-        exposed_host = max(compute + tail, host + idle) - compute
+    exposed_host = 0.0
+    if off:
+        jobs = [max(ni * CPU_PASS_FACTOR / cpu_rate, d) if t != "gpu" else 0.0 for ni, t, d in zip(n, tiers, disk_of)]
+        copy_in = [(4 if t == "host" else c) * ni / (rates.h2d_gbps * 1e9) if t != "gpu" else 0.0
+                   for ni, t in zip(n, tiers)]
+        exposed_host = max(0.0, _simulate_period(fwd, bwd, jobs, copy_in, tr.deferred_step) - compute)
     # Bytes a gather copies in per element: fp32 masters of host-tier chunks, compute dtype from NVMe-tier ones.
     h2d_elems = sum((4 if t == "host" else c) * ni for ni, t in zip(n, tiers) if t != "gpu")
     h2d_unit = 4 * max(sh.groups or (0,)) / sh.world_size / (rates.h2d_gbps * 1e9) if off else 0.0  # one group
@@ -345,6 +338,50 @@ def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str],
     est = StepEstimate(compute, fwd, bwd, gpu_opt, cpu_opt, disk, h2d + d2h, window, exposed_host, exposed_pcie,
                        step, tr.tokens_per_step / step if step > 0 else 0.0)
     return est, want
+
+
+def _simulate_period(fwd: float, bwd: float, jobs: list[float], copy_in: list[float], deferred: bool,
+                     steps: int = 6) -> float:
+    """Seconds between the starts of consecutive forwards in steady state.
+
+    Chunk 0 is the root (gathered before the first unit, its gradient last); chunks
+    1.. are units in forward order, each taking an equal share of ``fwd``/``bwd``.
+    ``jobs[i]``: the worker's seconds for chunk i; ``copy_in[i]``: its H2D copy after
+    the step.  The worker is one server, non-preemptive, earliest deadline (= index)
+    first among released gradients.  Pure arithmetic, a few hundred operations."""
+    k = len(jobs)
+    units = max(1, k - 1)
+    f, b = fwd / units, bwd / units
+    ready = [0.0] * k   # when each chunk's step of the previous optimizer step is done
+    t = worker = 0.0
+    starts = []
+    for _ in range(steps):
+        t = max(t, ready[0] + copy_in[0])
+        starts.append(t)
+        for i in range(1, k):
+            t = max(t, ready[i] + copy_in[i]) + f
+        released = []
+        for i in range(k - 1, 0, -1):
+            t += b
+            released.append((t, i))
+        released.append((t, 0))
+        if deferred:  # one norm all-reduce after backward, then every step in forward order
+            released = [(t, i) for _, i in released]
+        released.sort()
+        pending: list[int] = []
+        nxt = 0
+        while nxt < len(released) or pending:
+            if not pending:
+                worker = max(worker, released[nxt][0])
+            while nxt < len(released) and released[nxt][0] <= worker:
+                pending.append(released[nxt][1])
+                nxt += 1
+            i = min(pending)
+            pending.remove(i)
+            worker += jobs[i]
+            ready[i] = worker
+    tail = starts[len(starts) // 2:]
+    return (tail[-1] - tail[0]) / max(1, len(tail) - 1)
 
 
 def _evaluate(sh, tr, rates, budgets, opt, param, k, depth, ranks_per_node, buffers, notes=()) -> Plan:

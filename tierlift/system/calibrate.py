@@ -48,7 +48,9 @@ _TARGET_S = {True: 0.5, False: 2.0}  # seconds per benchmark: quick / full
 # >= 4 MiB per copy (below that PCIe copies are latency bound, gpu-machine.md).
 _COPY_BYTES = {True: 256 << 20, False: 1 << 30}
 _DISK_EXTENT = {True: (4, 32 << 20), False: (8, 64 << 20)}  # (extents in flight, bytes each) per round
-_CPU_ADAM_PARAMS = {True: 8 << 20, False: 64 << 20}
+# Working sets (16 B/param: p, g, m, v) far beyond any last-level cache: a cached 8 Mi run
+# measured 9.1 G/s on the H100 host where 64 Mi runs -- what a real chunk sees -- give 5.5.
+_CPU_ADAM_PARAMS = {True: 64 << 20, False: 128 << 20}
 _GPU_ADAM_PARAMS = {True: 64 << 20, False: 256 << 20}
 
 
