@@ -163,3 +163,57 @@ class NVMeStateStore:
         for release in self._release:
             release()
         self._release, self._free = [], []
+
+
+class PieceCursor:
+    """Element ranges of NVMe-resident state, read and written through one cached piece
+    per kind: what checkpoints stream through (``checkpoint_io.StreamedTensor``), so
+    saving or resuming holds ``kinds x piece`` bytes of it, never a whole chunk.
+
+    Ranges must come in ascending order per kind for each piece to be read once.
+    ``flush`` writes back pieces that were written to (read-modify-write: elements a
+    checkpoint does not cover, e.g. padding, keep their values)."""
+
+    def __init__(self, store: NVMeStateStore) -> None:
+        from tierlift.offload.nvme import aligned_empty
+
+        self.store = store
+        self._bufs = {k: aligned_empty(store.piece_numel * 4).view(torch.float32) for k in store.kinds}
+        self._cur: dict[str, list] = {}  # kind -> [chunk, piece lo, piece hi, dirty]
+
+    def _piece(self, chunk: int, kind: str, pos: int) -> tuple[int, int, torch.Tensor]:
+        lo = pos - pos % self.store.piece_numel
+        cur = self._cur.get(kind)
+        if cur is None or cur[0] != chunk or cur[1] != lo:
+            self.flush(kind)
+            hi = next(h for pl, h in self.store.pieces[chunk] if pl == lo)
+            buf = self._bufs[kind][:hi - lo]
+            self.store.file.read((chunk, kind, lo), buf).wait()
+            cur = self._cur[kind] = [chunk, lo, hi, False]
+        return cur[1], cur[2], self._bufs[kind][:cur[2] - cur[1]]
+
+    def read(self, chunk: int, kind: str, lo: int, hi: int) -> torch.Tensor:
+        out = torch.empty(hi - lo, dtype=torch.float32)
+        pos = lo
+        while pos < hi:
+            p_lo, p_hi, buf = self._piece(chunk, kind, pos)
+            end = min(hi, p_hi)
+            out[pos - lo:end - lo].copy_(buf[pos - p_lo:end - p_lo])
+            pos = end
+        return out
+
+    def write(self, chunk: int, kind: str, lo: int, src: torch.Tensor) -> None:
+        pos, hi = lo, lo + src.numel()
+        while pos < hi:
+            p_lo, p_hi, buf = self._piece(chunk, kind, pos)
+            end = min(hi, p_hi)
+            buf[pos - p_lo:end - p_lo].copy_(src[pos - lo:end - lo])
+            self._cur[kind][3] = True
+            pos = end
+
+    def flush(self, kind: str | None = None) -> None:
+        for k in [kind] if kind else list(self._cur):
+            cur = self._cur.pop(k, None)
+            if cur and cur[3]:
+                chunk, lo, hi, _ = cur
+                self.store.file.write((chunk, k, lo), self._bufs[k][:hi - lo]).wait()

@@ -575,6 +575,38 @@ class OffloadedOptimizer:
         self.nvme.read_chunk(index, views)
         return views[0], dict(zip(self.kinds, views[1:]))
 
+    def streamed_state(self, index: int, lo: int, hi: int) -> dict[str, object]:
+        """Elements [lo, hi) of an NVMe-tier chunk's master ("param") and moments as
+        ``StreamedTensor``s reading and writing the extents through one cached piece
+        per kind (checkpoints stream NVMe-resident state; see nvme_state.PieceCursor).
+        Call ``finish_streamed`` after the last use."""
+        from tierlift.offload.nvme_state import PieceCursor
+        from tierlift.runtime.checkpoint_io import StreamedTensor
+        assert self.chunks[index].tier is Tier.NVME, f"chunk {index} is not on NVMe"
+        if getattr(self, "_cursor", None) is None:
+            self.wait_all()
+            self.nvme.drain()
+            self._cursor = PieceCursor(self.nvme)
+        cur = self._cursor
+        out = {}
+        for kind in ("master",) + self.kinds:
+            out["param" if kind == "master" else kind] = StreamedTensor(
+                torch.float32, hi - lo, lambda a, b, k=kind: cur.read(index, k, lo + a, lo + b),
+                lambda a, src, k=kind: cur.write(index, k, lo + a, src))
+        return out
+
+    def finish_streamed(self, changed: list[int]) -> None:
+        """Write back what streamed writes changed and rebuild the compute-dtype copies of
+        the ``changed`` NVMe-tier chunks from their masters, a piece at a time."""
+        cur, self._cursor = getattr(self, "_cursor", None), None
+        if cur is None:
+            return
+        cur.flush()
+        for i in changed:
+            hc = self.chunks[i]
+            for lo, hi in self.nvme.pieces[i]:
+                hc.param16[lo:hi].copy_(cur.read(i, "master", lo, hi))
+
     def commit_chunk_state(self, index: int, master: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
         """After ``master``/``states`` of a chunk were overwritten (checkpoint load): store
         NVMe-tier state back to its extents and refresh the compute-dtype copy."""

@@ -80,20 +80,36 @@ class EngineStateMixin:
 
     def state_segments(self) -> list:
         """This rank's pieces of every parameter with their fp32 state, as writable views.
-        NVMe-tier chunks are read into host buffers for the call (see docs/offload.md);
-        ``load_extra_state`` writes loaded values back to their tier."""
+        NVMe-tier chunks give ``StreamedTensor``s instead: a checkpoint streams them
+        through one cached piece per kind, never the whole state in RAM (see
+        docs/offload.md).  ``load_extra_state`` writes loaded values back to their tier."""
+        from tierlift.offload.optimizer import Tier
         from tierlift.runtime.checkpoint import StateSegment
         out = []
-        self._loaded = []
+        self._loaded, self._streamed = [], []
         for c in self.chunks:
-            master, states = self._chunk_state(c)
-            self._loaded.append((c, master, states))
+            on_nvme = self.host_opt is not None and self.host_opt.chunks[c.spec.index].tier is Tier.NVME
+            if on_nvme:
+                self._streamed.append(c)
+            else:
+                master, states = self._chunk_state(c)
+                self._loaded.append((c, master, states))
             for s in c.spec.segments(self.rank):
-                tensors = {"param": master[s.shard_lo:s.shard_hi]}
-                for kind, buf in states.items():
-                    tensors[kind] = buf[s.shard_lo:s.shard_hi]
+                if on_nvme:
+                    tensors = self.host_opt.streamed_state(c.spec.index, s.shard_lo, s.shard_hi)
+                else:
+                    tensors = {"param": master[s.shard_lo:s.shard_hi]}
+                    for kind, buf in states.items():
+                        tensors[kind] = buf[s.shard_lo:s.shard_hi]
                 out.append(StateSegment(s.param.name, s.param.shape, s.param_lo, s.param_hi, tensors))
         return out
+
+    def finish_state_segments(self, loaded: bool) -> None:
+        """After a checkpoint used ``state_segments``: write back streamed state (and, when
+        ``loaded``, rebuild the compute-dtype copies of NVMe-tier chunks)."""
+        if self.host_opt is not None:
+            self.host_opt.finish_streamed([c.spec.index for c in getattr(self, "_streamed", [])] if loaded else [])
+        self._streamed = []
 
     @property
     def step_count(self) -> int:
@@ -111,6 +127,9 @@ class EngineStateMixin:
             for c, master, states in getattr(self, "_loaded", []):
                 self.host_opt.commit_chunk_state(c.spec.index, master, states)
                 c.stale = True
+            for c in getattr(self, "_streamed", []):
+                c.stale = True
+            self.finish_state_segments(loaded=True)
         else:
             self.optimizer.step_count = int(d["optimizer_step"])
             self.optimizer.sync_step_tensors()

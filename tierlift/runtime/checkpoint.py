@@ -68,7 +68,8 @@ __all__ = ["StateSegment", "save_checkpoint", "load_checkpoint", "latest_checkpo
 class StateSegment:
     """This rank's piece ``[param_lo, param_hi)`` of flattened parameter ``name``:
     ``tensors`` maps a state kind ("param", "exp_avg", "exp_avg_sq", "momentum")
-    to a writable 1-D view with ``param_hi - param_lo`` elements (any device)."""
+    to a writable 1-D view with ``param_hi - param_lo`` elements (any device), or to a
+    ``checkpoint_io.StreamedTensor`` for state that is not in memory (NVMe)."""
 
     name: str
     shape: tuple[int, ...]
@@ -396,7 +397,7 @@ def _load_local(ckpt_dir: Path, segments: Sequence[StateSegment], comm: Comm, ve
         for seg, stored, kind, covering in jobs:
             dst = seg.tensors[kind]
             for off, src in cio.iter_range(covering, stored, kind, seg.param_lo, seg.param_hi, open_file, ckpt_dir):
-                dst[off:off + src.numel()].copy_(src)
+                cio.copy_into(dst, off, src)
         if same_world:
             f = open_file(comm.rank)
             for key in manifest["files"][comm.rank].get("rank_tensors", []):

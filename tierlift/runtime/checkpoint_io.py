@@ -60,12 +60,45 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def host_pieces(t: torch.Tensor, lo: int = 0, hi: int | None = None) -> Iterator[torch.Tensor]:
-    """Elements [lo, hi) of 1-D ``t`` as host tensors of at most IO_PIECE_BYTES."""
+class StreamedTensor:
+    """A 1-D tensor that is not in memory (state on NVMe): a checkpoint writes it from
+    ``read(lo, hi)`` and loads it through ``write(lo, src)``, a slice at a time, so
+    saving or resuming NVMe-resident state never holds more than a slice of it."""
+
+    def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[int, int], torch.Tensor],
+                 write: Callable[[int, torch.Tensor], None]) -> None:
+        self.dtype, self._numel, self.read, self.write = dtype, numel, read, write
+
+    def numel(self) -> int:
+        return self._numel
+
+    def dim(self) -> int:
+        return 1
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self._numel,)
+
+
+def host_pieces(t, lo: int = 0, hi: int | None = None) -> Iterator[torch.Tensor]:
+    """Elements [lo, hi) of 1-D ``t`` (a tensor or a StreamedTensor) as host tensors of
+    at most IO_PIECE_BYTES."""
     hi = t.numel() if hi is None else hi
     step = max(1, IO_PIECE_BYTES // t.element_size())
     for a in range(lo, hi, step):
-        yield t[a:min(hi, a + step)].detach().to("cpu")
+        b = min(hi, a + step)
+        yield t.read(a, b) if isinstance(t, StreamedTensor) else t[a:b].detach().to("cpu")
+
+
+def copy_into(dst, off: int, src: torch.Tensor) -> None:
+    """``dst[off:off + len(src)] = src`` for a tensor or a StreamedTensor."""
+    if isinstance(dst, StreamedTensor):
+        dst.write(off, src)
+    else:
+        dst[off:off + src.numel()].copy_(src)
 
 
 # (key, dtype, shape, producer of host tensors whose bytes, concatenated, are the tensor)

@@ -273,8 +273,11 @@ class Trainer:
         rng = {"cpu_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        save_checkpoint(path, self.engine.state_segments(), comm=self.comm, extra=self._extra(),
-                        rank_tensors=rng, aliases=self.engine.aliases())
+        try:
+            save_checkpoint(path, self.engine.state_segments(), comm=self.comm, extra=self._extra(),
+                            rank_tensors=rng, aliases=self.engine.aliases())
+        finally:
+            self.engine.finish_state_segments(loaded=False)
         return path
 
     def save_to_run(self) -> int:
