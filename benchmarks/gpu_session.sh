@@ -14,6 +14,7 @@
 #           the planner's placement under PLAN_HOST_BUDGET (30GiB); report -> $OUT/nvme_l1b.md
 #   largest issue 4's largest model under 16 GiB GPU / 24 GiB host (cgroup) caps, ZeRO-Infinity vs
 #           tierlift (LARGEST="system:model:timeout ..."); report -> $OUT/largest_model.md
+#   nvmetune   engine vs aio at NVME_THREADS; L1B tierlift on NVMe with NVME_TL_CONFIG
 #   telemetry  L1B without offload, telemetry on vs off -> $OUT/telemetry_overhead.md
 #   zero    benchmarks/gpu_zero.sh with what is left of the budget (its knobs:
 #           GPUS, SYSTEMS, OFFLOAD, STEPS, TL_CONFIG, EXTRA, SMOKE -- default 0 here)
@@ -99,6 +100,21 @@ if has largest; then  # issue 4: largest model under a 16 GiB GPU cap and a 24 G
             2>&1 | grep -E "^\[bench_zero\]" | head -6
     done
     python3 benchmarks/largest_report.py "$OUT" || true
+fi
+if has nvmetune; then  # tierlift alone on NVMe with other engine settings (NVME_TL_CONFIG), plus the disk rates
+    echo "=== stage nvmetune: engine vs DeepSpeed aio ($(left) s left)"
+    timeout 120 python3 benchmarks/bench_nvme.py --dir /tmp/tl-nvme-bench --size-gib 4 --block-sizes 8 \
+        --threads "${NVME_THREADS:-4,8}" --repeats 1 --budget 100 --out "$OUT/nvme_engine.json" 2>&1 | tail -6
+    rm -rf /tmp/tl-nvme-bench
+    echo "=== stage nvmetune: L1B tierlift, optimizer on NVMe, ${NVME_TL_CONFIG:-defaults} ($(left) s left)"
+    python3 benchmarks/bench_zero.py --gpus 1 --systems tierlift --model l1b --steps 5 --warmup 1 --offload nvme \
+        --timeout 150 --budget "$(( $(left) - 10 ))" --min-run-s 60 ${NVME_TL_CONFIG:+--tl-config "$NVME_TL_CONFIG"} \
+        --out "$OUT/zero_nvmetune.json" --logdir /tmp/zero_logs_nvmetune 2>&1 | grep -E "^\[bench_zero\] tierlift" | head -3
+    python3 - "$OUT" <<'PY' || true
+import json, sys
+r = next(r for r in json.load(open(f"{sys.argv[1]}/zero_nvmetune.json"))["runs"] if r["status"] == "ok")
+print("nvmetune steps", [round(x, 2) for x in r["step_times_s"]], "busy", r.get("tierlift_summary", {}).get("offload_busy_s"))
+PY
 fi
 if has telemetry; then  # issue 5: the sampler's cost, L1B without offload, telemetry on vs off, same run dir writers
     for tele in true false; do

@@ -37,10 +37,12 @@ def main(out: str) -> int:
     for r in runs:
         if r["status"] == "ok" and r["params"] > best.get(r["system"], {}).get("params", 0):
             best[r["system"]] = r
-    failed_min = {}
+    failed_min = {}  # the smallest size a system could not train: killed for memory, or errored
     for r in runs:
-        if r["status"] != "ok":
+        oom = (r["host_cap"] or {}).get("oom_kills", 0) > 0
+        if r["status"] == "error" or oom:
             failed_min[r["system"]] = min(failed_min.get(r["system"], float("inf")), r["params"])
+    unfinished = {r["system"]: r for r in runs if r["status"] == "timeout"}
     lines = ["# Largest model under a 16 GiB GPU cap and a 24 GiB host cap, one H100 session", "",
              "| system | model | params (B) | status | step s | peak RSS GiB | peak GPU alloc GiB | OOM kills | note |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -56,10 +58,19 @@ def main(out: str) -> int:
         bound = failed_min.get("deepspeed")
         res.update(tierlift_largest=tl["params"], deepspeed_largest=ds["params"], ratio=ratio,
                    deepspeed_failed_at=bound)
+        note = ""
+        if bound:
+            note = (f" It failed (out of memory or error) at {bound / 1e9:.2f} B, so its largest is below that: "
+                    f"tierlift / {bound / 1e9:.2f} B = {tl['params'] / bound:.2f}x is a lower bound on the ratio.")
+        t = unfinished.get("deepspeed")
+        if t and t["params"] > ds["params"]:
+            res["deepspeed_unfinished"] = t["params"]
+            note += (f" At {t['params'] / 1e9:.2f} B it had not finished its steps when the run's time limit killed it "
+                     f"(peak RSS {bc.fmt(t['peak_rss_gib'], 1)} GiB under the cap, no OOM kill): not a memory failure; "
+                     f"had it trained, the ratio would be {tl['params'] / t['params']:.2f}x.")
         lines += ["", f"tierlift's largest trained: {tl['params'] / 1e9:.2f} B; DeepSpeed ZeRO-Infinity's: "
-                  f"{ds['params'] / 1e9:.2f} B" + (f" (it failed at {bound / 1e9:.2f} B, so its largest is below that; "
-                  f"tierlift / that bound = {tl['params'] / bound:.2f}x, a lower bound on the ratio)" if bound else "")
-                  + f". Ratio of the largest trained: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})."]
+                  f"{ds['params'] / 1e9:.2f} B. Ratio of the largest trained: {ratio:.2f}x "
+                  f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'}).{note}"]
     with open(os.path.join(out, "largest_model.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "largest_model.json"), "w", encoding="utf-8") as f:
