@@ -5,7 +5,7 @@
 #   device run: command "STAGES=tests,phases,zero bash benchmarks/gpu_session.sh",
 #               carry [".whl"], kind nvidia-h100-x1
 #
-# Stages (environment STAGES, comma-separated, in this order):
+# Stages (environment STAGES, comma-separated; they run in the order listed here):
 #   tests   the GPU-marked tests (pytest -m gpu), log in $OUT/gpu_tests.log
 #   phases  benchmarks/bench_offload_phases.py -> $OUT/offload_phases.json
 #   pinned  benchmarks/bench_pinned.py -> $OUT/pinned.json
@@ -14,10 +14,10 @@
 #           the planner's placement under PLAN_HOST_BUDGET (30GiB); report -> $OUT/nvme_l1b.md
 #   largest issue 4's largest model under 16 GiB GPU / 24 GiB host (cgroup) caps, ZeRO-Infinity vs
 #           tierlift (LARGEST="system:model:timeout ..."); report -> $OUT/largest_model.md
-#   nvmetune   engine vs aio at NVME_THREADS; L1B tierlift on NVMe with NVME_TL_CONFIG
-#   telemetry  L1B without offload, telemetry on vs off -> $OUT/telemetry_overhead.md
 #   zero    benchmarks/gpu_zero.sh with what is left of the budget (its knobs:
 #           GPUS, SYSTEMS, OFFLOAD, STEPS, TL_CONFIG, EXTRA, SMOKE -- default 0 here)
+#   nvmetune   engine vs aio at NVME_THREADS; L1B tierlift on NVMe with NVME_TL_CONFIG
+#   telemetry  L1B without offload, telemetry on vs off -> $OUT/telemetry_overhead.md
 # TOTAL_S (default 580) bounds the whole call.  At the end every file but the *.md summaries
 # goes into $OUT/session.tgz (the device returns at most 8 files; BUNDLE=0 keeps them loose).
 set -u -o pipefail
@@ -101,6 +101,20 @@ if has largest; then  # issue 4: largest model under a 16 GiB GPU cap and a 24 G
     done
     python3 benchmarks/largest_report.py "$OUT" || true
 fi
+if has zero; then
+    echo "=== stage zero ($(left) s left)"
+    SMOKE="${SMOKE:-0}" BUDGET_S="$(( $(left) - 10 ))" OUT="$OUT" bash benchmarks/gpu_zero.sh
+    python3 - "$OUT" <<'PY' || true
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/zero_*.json")):
+    for r in json.load(open(f)).get("runs", []):
+        if r.get("tierlift_summary"):
+            s = r["tierlift_summary"]
+            print(f"tierlift {r['gpus']} GPU: steps {[round(t, 3) for t in r.get('step_times_s', [])]}")
+            print(f"  busy {({k: round(v, 3) for k, v in (s.get('offload_busy_s') or {}).items()})}")
+            print(f"  pinned {s.get('pinned_bytes', 0) / 2**30:.2f} GiB, own peak RSS {s.get('peak_host_rss_bytes', 0) / 2**30:.2f} GiB")
+PY
+fi
 if has nvmetune; then  # tierlift alone on NVMe with other engine settings (NVME_TL_CONFIG), plus the disk rates
     echo "=== stage nvmetune: engine vs DeepSpeed aio ($(left) s left)"
     timeout 120 python3 benchmarks/bench_nvme.py --dir /tmp/tl-nvme-bench --size-gib 4 --block-sizes 8 \
@@ -138,20 +152,6 @@ print(f"- telemetry on: {on['step_s']:.4f} s/step (median of {len(on['step_times
       f"off: {off['step_s']:.4f} s/step; overhead {ratio - 1:+.2%} (target <= 1%: {'met' if ratio - 1 <= 0.01 else 'NOT met'})")
 print(f"- per-step times on:  {[round(x, 4) for x in on['step_times_s']]}")
 print(f"- per-step times off: {[round(x, 4) for x in off['step_times_s']]}")
-PY
-fi
-if has zero; then
-    echo "=== stage zero ($(left) s left)"
-    SMOKE="${SMOKE:-0}" BUDGET_S="$(( $(left) - 10 ))" OUT="$OUT" bash benchmarks/gpu_zero.sh
-    python3 - "$OUT" <<'PY' || true
-import glob, json, sys
-for f in sorted(glob.glob(sys.argv[1] + "/zero_*.json")):
-    for r in json.load(open(f)).get("runs", []):
-        if r.get("tierlift_summary"):
-            s = r["tierlift_summary"]
-            print(f"tierlift {r['gpus']} GPU: steps {[round(t, 3) for t in r.get('step_times_s', [])]}")
-            print(f"  busy {({k: round(v, 3) for k, v in (s.get('offload_busy_s') or {}).items()})}")
-            print(f"  pinned {s.get('pinned_bytes', 0) / 2**30:.2f} GiB, own peak RSS {s.get('peak_host_rss_bytes', 0) / 2**30:.2f} GiB")
 PY
 fi
 # The device returns at most 8 files: everything goes into one archive, the summaries stay beside it.
