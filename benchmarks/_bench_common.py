@@ -42,6 +42,9 @@ GiB = float(1 << 30)
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "l1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                 intermediate_size=5440, vocab_size=32000, max_position_embeddings=1024),
+    # ~7B Llama-shaped (Llama-2-7B's widths), issue 6's second model: 6.74 B params
+    "l7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                intermediate_size=11008, vocab_size=32000, max_position_embeddings=1024),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=176, vocab_size=1024, max_position_embeddings=1024),
 }

@@ -72,8 +72,8 @@ PY
 fi
 if has nvme; then  # issue 4 (NVMe L1B vs ZeRO-Infinity) and 5 (planned placement), one H100 session
     echo "=== stage nvme: engine vs DeepSpeed aio on this disk ($(left) s left)"
-    timeout 120 python3 benchmarks/bench_nvme.py --dir /tmp/tl-nvme-bench --size-gib 4 --block-sizes 8 \
-        --threads 4 --repeats 1 --budget 100 --out "$OUT/nvme_engine.json" 2>&1 | tail -4
+    timeout 150 python3 benchmarks/bench_nvme.py --dir /tmp/tl-nvme-bench --size-gib 4 --block-sizes 8 \
+        --threads "${NVME_THREADS:-8}" --repeats 1 --budget 140 --out "$OUT/nvme_engine.json" 2>&1 | tail -4
     rm -rf /tmp/tl-nvme-bench
     echo "=== stage nvme: L1B, tierlift (optimizer on NVMe) and DeepSpeed ZeRO-Infinity ($(left) s left)"
     SMOKE=0 OFFLOAD=nvme STEPS="${NVME_STEPS:-4}" WARMUP=1 SYSTEMS="${NVME_SYSTEMS:-tierlift,deepspeed}" \

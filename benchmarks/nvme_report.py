@@ -46,10 +46,14 @@ def main(out: str) -> int:
     eng = _load(os.path.join(out, "nvme_engine.json"))
     read_gbps = write_gbps = None
     if eng and eng.get("configs"):
-        med = eng["configs"][0]["median"]
-        read_gbps, write_gbps = med.get("tierlift_read_gbps"), med.get("tierlift_write_gbps")
-        res["engine"] = med
-        rows.append(f"| NVMe engine write / DeepSpeed aio (8 MiB, 4 threads) | {_fmt(med.get('ratio_write'))} | >= 0.95 |"
+        meds = [c["median"] for c in eng["configs"] if c.get("median")]
+        med = meds[0]
+        # The disk's rate: the best our engine reached in any configuration (the floor is then
+        # the lowest defensible one).
+        read_gbps = max(m.get("tierlift_read_gbps") or 0 for m in meds) or None
+        write_gbps = max(m.get("tierlift_write_gbps") or 0 for m in meds) or None
+        res["engine"] = meds
+        rows.append(f"| NVMe engine write / DeepSpeed aio (8 MiB, first config) | {_fmt(med.get('ratio_write'))} | >= 0.95 |"
                     f" {'met' if (med.get('ratio_write') or 0) >= 0.95 else 'NOT met'} |")
         rows.append(f"| NVMe engine read / DeepSpeed aio | {_fmt(med.get('ratio_read'))} | >= 0.95 |"
                     f" {'met' if (med.get('ratio_read') or 0) >= 0.95 else 'NOT met'} |")

@@ -22,7 +22,7 @@ TRAIN = TrainingShape(tokens_per_step=8192, activation_bytes=int(3.5 * GiB))  # 
 H100 = NodeRates()
 
 
-def _host_need(shape: ModelShape, k: int, buffers: int = 4) -> int:
+def _host_need(shape: ModelShape, k: int, buffers: int = 8) -> int:
     """Pinned bytes with the first k chunks' AdamW state in host memory, the rest on NVMe,
     written out independently of the planner from what OffloadedOptimizer allocates."""
     n = shape.shard_numel

@@ -45,7 +45,7 @@ class AioConfig:
 
     block_size: int = 8 << 20
     queue_depth: int = 8
-    threads: int = 4
+    threads: int = 8  # reads, writes and their crc32 share these; 4 left reads waiting behind writes
     backend: str = "threads"
     single_submit: bool = False
     overlap_events: bool = True
@@ -55,7 +55,7 @@ class AioConfig:
         check(self.block_size >= 4096 and self.block_size % 4096 == 0, "offload.aio.block_size",
               self.block_size, "must be a positive multiple of 4096 bytes.", "use 8388608 (8 MiB).")
         check(self.queue_depth >= 1, "offload.aio.queue_depth", self.queue_depth, "must be >= 1.", "use 8.")
-        check(self.threads >= 1, "offload.aio.threads", self.threads, "must be >= 1.", "use 4.")
+        check(self.threads >= 1, "offload.aio.threads", self.threads, "must be >= 1.", "use 8.")
         check(self.backend in ("threads", "libaio"), "offload.aio.backend", self.backend,
               "must be 'threads' or 'libaio'.", "use 'threads' unless DeepSpeed's aio op is installed.")
         check(not self.use_gds or self.backend == "libaio", "offload.aio.use_gds", self.use_gds,
@@ -77,14 +77,14 @@ class NVMeOffload:
     KIND = "nvme"
     path: str = ""
     pin_memory: bool = True
-    buffer_count: int = 4
+    buffer_count: int = 8  # 8 x 192 MiB: enough read-ahead to keep a virtio disk busy (nvme_l1b_h100.md)
     buffer_size: int = 0
     max_in_cpu: int = 0
     aio: AioConfig = field(default_factory=AioConfig)
 
     def __post_init__(self) -> None:
         check(self.buffer_count >= 2, "offload.*.buffer_count", self.buffer_count,
-              "must be >= 2 (double buffering).", "use 4.")
+              "must be >= 2 (double buffering).", "use 8.")
         check(self.buffer_size >= 0, "offload.*.buffer_size", self.buffer_size, "must be >= 0.",
               "use 0 for 16 Mi elements per piece.")
         check(self.max_in_cpu >= 0, "offload.*.max_in_cpu", self.max_in_cpu, "must be >= 0.", "use 0.")

@@ -123,10 +123,13 @@ class ZeroEngine(EngineStateMixin):
         self._bwd_order: list[int] = []
         self._pending: list[tuple[RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
         self.order_changes = 0
-        # Host seconds spent blocked on parameters not there yet: gathers still in flight
-        # (gloo; NCCL waits on the device and does not block the host) and host
-        # optimizer steps not done.  Read and reset per step by the trainer (policy input).
+        # Host seconds spent blocked on gathers still in flight (gloo; NCCL waits on the
+        # device and does not block the host): what deeper prefetch can fix, the policy's
+        # input.  Waits for host optimizer steps are counted apart (host_wait_s): with
+        # immediate steps the next forward overlaps the optimizer by design, and deeper
+        # prefetch would not shorten them.  Both read and reset per step by the trainer.
         self.stall_s = 0.0
+        self.host_wait_s = 0.0
         if activation_checkpointing:
             apply_activation_checkpointing(self.units)
         self._hooks = []
@@ -227,12 +230,17 @@ class ZeroEngine(EngineStateMixin):
     def _wait_host_step(self, c: RuntimeChunk) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self.host_opt.wait_chunk(c.spec.index)
-        self.stall_s += time.perf_counter() - t0
+        self.host_wait_s += time.perf_counter() - t0
         return out
 
     def take_stall_ms(self) -> float:
-        """Milliseconds the host waited for parameters since the last call."""
+        """Milliseconds the host waited for gathers in flight since the last call."""
         ms, self.stall_s = self.stall_s * 1e3, 0.0
+        return ms
+
+    def take_host_wait_ms(self) -> float:
+        """Milliseconds the host waited for host optimizer steps since the last call."""
+        ms, self.host_wait_s = self.host_wait_s * 1e3, 0.0
         return ms
 
     def _wait_gathered(self, g: Group | RuntimeChunk) -> None:

@@ -191,6 +191,6 @@ def plan_for_config(cfg, layout, units, world: int, notes: list[str], *, opt_kin
     training = training_shape(cfg, layout, units, world, notes)
     rates = node_rates(cfg, notes)
     budgets = budgets_for(cfg, world, notes, budget_overrides)
-    buffers = getattr(cfg.offload.optimizer, "buffer_count", 4)
+    buffers = getattr(cfg.offload.optimizer, "buffer_count", 8)
     return plan(ModelShape.from_layout(layout), budgets, rates, training, opt_kind, param_kind,
                 ranks_per_node=world, nvme_buffer_count=buffers, notes=notes)

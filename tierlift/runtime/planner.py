@@ -193,7 +193,7 @@ class Plan:
     training: TrainingShape
     shape: ModelShape = field(repr=False)
     ranks_per_node: int = 1
-    nvme_buffer_count: int = 4
+    nvme_buffer_count: int = 8
     notes: tuple[str, ...] = ()
 
     @property
@@ -398,7 +398,7 @@ def _evaluate(sh, tr, rates, budgets, opt, param, k, depth, ranks_per_node, buff
 
 def plan(shape: ModelShape, budgets: Budgets, rates: NodeRates, training: TrainingShape,
          optimizer_kind: str = "auto", param_kind: str = "auto", ranks_per_node: int | None = None,
-         nvme_buffer_count: int = 4, notes: Sequence[str] = ()) -> Plan:
+         nvme_buffer_count: int = 8, notes: Sequence[str] = ()) -> Plan:
     """The fastest feasible plan, or ConfigError naming the budget to raise (and the
     smallest value that fits, also on the exception as ``smallest_budgets``)."""
     for setting, value, ok in (("offload.optimizer.kind", optimizer_kind, ("auto", "none", "cpu", "nvme")),

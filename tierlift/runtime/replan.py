@@ -44,9 +44,10 @@ class Replanner:
             plan = plan.replan(host_chunks=sum(hc.tier is Tier.HOST for hc in opt.chunks))
         plan = plan.replan(prefetch_units=engine.cfg.prefetch_units)
         thresholds = cfg.policy.thresholds()
-        if plan.rates.source.startswith("defaults"):
-            # Predicted times from another machine's rates (no calibration of this node):
-            # "off plan" notes would only compare against them, so they stay off.
+        if plan.rates.source.startswith("defaults") or engine.device.type != "cuda":
+            # Predicted times from another machine's rates (no calibration of this node),
+            # or a CPU run (the model prices GPU compute): "off plan" notes would only
+            # compare against numbers that do not describe this run, so they stay off.
             thresholds = replace(thresholds, slow_factor=float("inf"))
         self.policy = Policy(plan, thresholds)
         log.info("plan at start:\n%s", plan.to_table())

@@ -180,6 +180,7 @@ class Trainer:
                     summary.eval_losses.append((self.step, row["eval_loss"]))
                 tele.event("step_end", value=dt, step=self.step, step_time_s=dt, loss=m["loss"])
                 row["prefetch_stall_ms"] = stall_ms = self.engine.take_stall_ms()
+                row["hostopt_wait_ms"] = self.engine.take_host_wait_ms()  # overlap by design; not a stall
                 if stall_ms:
                     tele.event("prefetch_stall", value=stall_ms, step=self.step)
                 decisions = (replanner.step_end(self.step, dt, mem["host_rss_bytes"], stall_ms)
