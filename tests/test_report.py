@@ -78,12 +78,12 @@ def test_report_embeds_pngs_and_writes_them_beside(run_dir):
     assert path == os.path.join(run_dir, "report", "report.html")
     page = open(path, encoding="utf-8").read()
     imgs = _images(page)
-    assert len(imgs) == 5, list(imgs)  # loss, step time, breakdown, memory, io (no prefetch events)
+    assert len(imgs) == 6, list(imgs)  # loss, step time, breakdown, memory, io, prefetch (the engine's counts)
     assert all(b.startswith(PNG) and len(b) > 5000 for b in imgs.values())
-    for name in ("loss", "step_time", "time_breakdown", "memory", "io"):
+    for name in ("loss", "step_time", "time_breakdown", "memory", "io", "prefetch"):
         with open(os.path.join(run_dir, "report", f"{name}.png"), "rb") as f:
             assert f.read() in imgs.values()
-    assert "Not available: no prefetch events" in page
+    assert "prefetch_miss" in page  # one unit: every stage-3 gather is on demand
     assert "No policy decisions recorded" in page
     assert "<script" not in page and "default-src 'none'" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from anywhere
@@ -96,7 +96,7 @@ def test_report_without_telemetry_still_renders(run_dir, tmp_path):
     page = open(build_report(str(bare)), encoding="utf-8").read()
     assert set(_images(page)) == {"Training loss per optimizer step", "Step time and tokens/s",
                                   "Step-time breakdown", "Memory per tier over time"}  # memory from metrics/
-    assert "Not available: no telemetry/ samples" in page
+    assert "Not available: no telemetry/ samples" in page and "Not available: no prefetch events" in page
     assert "No runtime events recorded" in page
 
     only_summary = tmp_path / "only_summary"
@@ -189,7 +189,7 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
     assert m and m.group(1), f"the probe did not run:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     result = json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
     assert result["errors"] == []
-    assert len(result["images"]) == n_imgs == 5
+    assert len(result["images"]) == n_imgs == 6
     bad = [alt for alt, complete, width in result["images"] if not (complete and width > 0)]
     assert not bad, f"images the browser could not decode: {bad}"
     console = [line for line in p.stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]

@@ -130,6 +130,9 @@ class ZeroEngine(EngineStateMixin):
         # prefetch would not shorten them.  Both read and reset per step by the trainer.
         self.stall_s = 0.0
         self.host_wait_s = 0.0
+        # Stage-3 gathers per step: issued ahead by prefetch; at use, a hit (already
+        # gathered or in flight) or a miss (gathered on demand).  Telemetry events.
+        self.prefetch_counts = {"issued": 0, "hit": 0, "miss": 0}
         if activation_checkpointing:
             apply_activation_checkpointing(self.units)
         self._hooks = []
@@ -294,12 +297,14 @@ class ZeroEngine(EngineStateMixin):
                 if self._host_step_pending(g):  # a prefetch must not block on the host optimizer:
                     return                      # the unit's own pre-forward gathers it when due
                 self._issue_gather(g)
+                self.prefetch_counts["issued"] += 1
 
     # -- hooks ---------------------------------------------------------------
     def _pre_forward(self, g: Group, args, kwargs):
         if self.phase is Phase.FORWARD:
             self._cur_order.append(g.index)
             pos = len(self._cur_order) - 1
+            self._count_use(g)
             self._wait_gathered(g)
             if pos < len(self._fwd_order) and self._fwd_order[pos] == g.index:
                 self._prefetch(self._fwd_order, pos)
@@ -335,7 +340,17 @@ class ZeroEngine(EngineStateMixin):
             self._reshard(g)
         return None
 
+    def _count_use(self, g: Group) -> None:
+        if self.cfg.stage == 3 and not g.persistent:
+            self.prefetch_counts["miss" if self._is_sharded(g) else "hit"] += 1
+
+    def take_prefetch_counts(self) -> dict[str, int]:
+        """Gathers issued ahead, and hits / misses at use, since the last call."""
+        out, self.prefetch_counts = self.prefetch_counts, {"issued": 0, "hit": 0, "miss": 0}
+        return out
+
     def _pre_backward(self, g: Group) -> None:
+        self._count_use(g)
         self._wait_gathered(g)
         if g.index in self._bwd_order:
             self._prefetch(self._bwd_order, self._bwd_order.index(g.index))

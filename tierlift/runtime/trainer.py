@@ -181,6 +181,10 @@ class Trainer:
                 tele.event("step_end", value=dt, step=self.step, step_time_s=dt, loss=m["loss"])
                 row["prefetch_stall_ms"] = stall_ms = self.engine.take_stall_ms()
                 row["hostopt_wait_ms"] = self.engine.take_host_wait_ms()  # overlap by design; not a stall
+                for kind, n in self.engine.take_prefetch_counts().items():
+                    row[f"prefetch_{kind}"] = n
+                    if n:
+                        tele.event(f"prefetch_{kind}", value=n, step=self.step)
                 if stall_ms:
                     tele.event("prefetch_stall", value=stall_ms, step=self.step)
                 decisions = (replanner.step_end(self.step, dt, mem["host_rss_bytes"], stall_ms)
