@@ -1,7 +1,6 @@
 """The gradient backlog: earliest-deadline-first order and the byte budget."""
 
 import threading
-import time
 
 import pytest
 import torch

@@ -39,14 +39,19 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tierlift.offload.backlog import GradBacklog, PendingGrad
+from tierlift.offload.optimizer_state import HostStateMixin, Tier
 from tierlift.offload.policy import CPUOffload, NVMeOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig
 from tierlift.parallel.layout import Chunk
 from tierlift.parallel.optim import ShardOptimizer
+
+if TYPE_CHECKING:
+    from tierlift.offload.nvme_state import Staged
 
 __all__ = ["OffloadedOptimizer", "Tier"]
 
@@ -54,11 +59,6 @@ __all__ = ["OffloadedOptimizer", "Tier"]
 # worker steps this one; more would only hold host memory (waiting gradients stay on
 # the device, in the backlog).
 _RING_SLOTS = 2
-
-
-class Tier(enum.Enum):
-    HOST = "host"
-    NVME = "nvme"
 
 
 class _ChunkPhase(enum.Enum):
@@ -83,7 +83,7 @@ class _HostChunk:
     release_state: object = None  # gives the master/moments allocation back (host tier)
 
 
-class OffloadedOptimizer:
+class OffloadedOptimizer(HostStateMixin):
     """Host/NVMe-resident shard optimizer driven by a worker thread."""
 
     def __init__(self, chunks: list[Chunk], rank: int, masters: list[torch.Tensor], optim: OptimizerConfig,
@@ -215,38 +215,6 @@ class OffloadedOptimizer:
         with self._ring_cv:
             self._ring_free.append(slot)
             self._ring_cv.notify()
-
-    def move_to_nvme(self, indices: list[int]) -> list[int]:
-        """Write the state of host-tier chunks ``indices`` to their extents and free their
-        host buffers (a policy decision under host-memory pressure).  At a step boundary
-        only; returns the chunks that moved."""
-        if self.nvme is None:
-            raise RuntimeError("move_to_nvme needs offload.optimizer of kind nvme")
-        self.wait_all()
-        moved = []
-        for i in indices:
-            hc = self.chunks[i]
-            if hc.tier is not Tier.HOST:
-                continue
-            self.nvme.write_chunk(i, [hc.master] + [hc.states[k] for k in self.kinds])
-            if hc.param16 is None:  # the engine now gathers from a compute-dtype host copy
-                self._alloc_param16(hc)
-                hc.param16.copy_(hc.master)
-            hc.master, hc.states, hc.tier = None, {}, Tier.NVME
-            hc.release_state()
-            hc.release_state = None
-            moved.append(i)
-        self._ensure_staging()
-        return moved
-
-    def _ensure_staging(self) -> None:
-        self.nvme.ensure_staging(max((hc.shard_numel for hc in self.chunks if hc.tier is Tier.NVME), default=0))
-
-    @property
-    def host_state_bytes(self) -> int:
-        """Host bytes held by fp32 masters and moments (a move to NVMe frees them and
-        adds a compute-dtype copy)."""
-        return sum(hc.shard_numel * 4 * (1 + len(self.kinds)) for hc in self.chunks if hc.tier is Tier.HOST)
 
     def _open_nvme(self, chunks, masters, rank) -> None:
         from tierlift.offload.nvme_state import DEFAULT_PIECE_NUMEL, NVMeStateStore
@@ -560,60 +528,6 @@ class OffloadedOptimizer:
                 hc.done.set()
         if self.nvme is not None:
             self.busy["nvme_read"] = self.nvme.read_wait_s
-
-    # -- state access (checkpoints, consolidated weights) ----------------------------
-    def chunk_state(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """fp32 master and optimizer state of one chunk, as host tensors.  Host-tier
-        chunks give views of the live buffers; NVMe-tier chunks are read into fresh
-        buffers (write them back with ``commit_chunk_state`` after changing them)."""
-        self.wait_all()
-        hc = self.chunks[index]
-        if hc.tier is Tier.HOST:
-            return hc.master, hc.states
-        from tierlift.offload.nvme import aligned_empty
-        views = [aligned_empty(hc.shard_numel * 4).view(torch.float32) for _ in range(1 + len(self.kinds))]
-        self.nvme.read_chunk(index, views)
-        return views[0], dict(zip(self.kinds, views[1:]))
-
-    def streamed_state(self, index: int, lo: int, hi: int) -> dict[str, object]:
-        """Elements [lo, hi) of an NVMe-tier chunk's master ("param") and moments as
-        ``StreamedTensor``s reading and writing the extents through one cached piece
-        per kind (checkpoints stream NVMe-resident state; see nvme_state.PieceCursor).
-        Call ``finish_streamed`` after the last use."""
-        from tierlift.offload.nvme_state import PieceCursor
-        from tierlift.runtime.checkpoint_io import StreamedTensor
-        assert self.chunks[index].tier is Tier.NVME, f"chunk {index} is not on NVMe"
-        if getattr(self, "_cursor", None) is None:
-            self.wait_all()
-            self.nvme.drain()
-            self._cursor = PieceCursor(self.nvme)
-        cur = self._cursor
-        out = {}
-        for kind in ("master",) + self.kinds:
-            out["param" if kind == "master" else kind] = StreamedTensor(
-                torch.float32, hi - lo, lambda a, b, k=kind: cur.read(index, k, lo + a, lo + b),
-                lambda a, src, k=kind: cur.write(index, k, lo + a, src))
-        return out
-
-    def finish_streamed(self, changed: list[int]) -> None:
-        """Write back what streamed writes changed and rebuild the compute-dtype copies of
-        the ``changed`` NVMe-tier chunks from their masters, a piece at a time."""
-        cur, self._cursor = getattr(self, "_cursor", None), None
-        if cur is None:
-            return
-        cur.flush()
-        for i in changed:
-            hc = self.chunks[i]
-            for lo, hi in self.nvme.pieces[i]:
-                hc.param16[lo:hi].copy_(cur.read(i, "master", lo, hi))
-
-    def commit_chunk_state(self, index: int, master: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
-        """After ``master``/``states`` of a chunk were overwritten (checkpoint load): store
-        NVMe-tier state back to its extents and refresh the compute-dtype copy."""
-        hc = self.chunks[index]
-        if hc.tier is Tier.NVME:
-            self.nvme.write_chunk(index, [master] + [states[k] for k in self.kinds])
-            hc.param16.copy_(master)
 
     def begin_step(self, lr: float) -> None:
         """The learning rate of the step whose gradients are about to arrive (immediate mode)."""
