@@ -84,6 +84,11 @@ def test_policy_needs_known_kind():
     ({"offload": {"optimizer": {"kind": "nvme", "path": "/tmp/x", "aio": {"use_gds": True}}}},
      "offload.optimizer.aio.use_gds", True),
     ({"offload": {"optimizer": {"kind": "nvme", "path": ""}}}, "offload.optimizer.path", ""),
+    # parameters on NVMe share the optimizer's extent file
+    ({"offload": {"optimizer": {"kind": "cpu"}, "param": {"kind": "nvme", "path": "/tmp/x"}}, "zero": {"stage": 3}},
+     "offload.optimizer.kind", "cpu"),
+    ({"offload": {"optimizer": {"kind": "nvme", "path": "/tmp/x"}, "param": {"kind": "nvme", "path": "/tmp/y"}},
+      "zero": {"stage": 3}}, "offload.param.path", "/tmp/y"),
 ])
 def test_bad_values_name_setting_and_value(data, setting, value):
     e = _err(data)

@@ -66,7 +66,8 @@ def test_full_mapping_of_every_supported_key(tmp_path):
             "stage3_max_live_parameters": 2e8, "stage3_param_persistence_threshold": 5000,
             "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 6,
                               "buffer_size": 1e6, "max_in_cpu": 1e7},
-            "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+            # parameters on NVMe share the optimizer's extent file: both on NVMe, one path
+            "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "pin_memory": True, "buffer_count": 5}},
         "aio": {"block_size": 2097152, "queue_depth": 16, "intra_op_parallelism": 3, "single_submit": True,
                 "overlap_events": False, "use_gds": False},
     }
@@ -88,7 +89,17 @@ def test_full_mapping_of_every_supported_key(tmp_path):
     a = p.aio
     assert (a.block_size, a.queue_depth, a.threads, a.single_submit, a.overlap_events, a.use_gds) == \
         (2097152, 16, 3, True, False, False)
-    assert c.offload.optimizer == CPUOffload(pin_memory=True)
+    q = c.offload.optimizer
+    assert isinstance(q, NVMeOffload) and (q.path, q.pin_memory, q.buffer_count) == (nvme, True, 5)
+
+
+def test_params_on_nvme_with_the_optimizer_on_cpu_is_refused_by_name(tmp_path):
+    """DeepSpeed allows it; tierlift keeps NVMe parameters in the optimizer's extent file."""
+    d = _ds(zero_optimization={"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)},
+                               "offload_optimizer": {"device": "cpu"}})
+    with pytest.raises(ConfigError, match="parameters on NVMe need the optimizer state on NVMe too") as e:
+        from_deepspeed(d)
+    assert "offload.optimizer.kind" in str(e.value)
 
 
 def test_missing_keys_take_deepspeed_numerics():

@@ -25,6 +25,10 @@ def _policies(tmp: str, rank_tag: str):
         # small pieces: every chunk streams through the staging sets in several pieces
         "nvme": OffloadConfig(optimizer=NVMeOffload(path=os.path.join(tmp, f"nvme-{rank_tag}"), buffer_size=2048,
                                                     buffer_count=2), param=CPUOffload()),
+        # parameters on NVMe too (the optimizer's extent file), read into pinned slots per gather
+        "nvme_params": OffloadConfig(optimizer=NVMeOffload(path=os.path.join(tmp, f"nvp-{rank_tag}"), buffer_size=2048,
+                                                           buffer_count=2),
+                                     param=NVMeOffload(path=os.path.join(tmp, f"nvp-{rank_tag}"))),
         # a partial placement: some chunks' state in RAM, the rest on NVMe
         "mixed": OffloadConfig(optimizer=NVMeOffload(path=os.path.join(tmp, f"mixed-{rank_tag}"),
                                                      max_in_cpu=4096, buffer_size=1024, buffer_count=3),
@@ -70,6 +74,18 @@ def _train(tmp, jobs, world):
             eng.step(3e-3)
             dist.all_reduce(tot)
             losses.append(float(tot) / (world * accum))
+        if name == "nvme_params":  # the gathers really read parameters from NVMe, nothing kept on the host
+            opt = eng.host_opt
+            assert all(hc.param16 is None for hc in opt.chunks)
+            opt.wait_all()  # deferred steps still read state in the background: count only the gathers' reads
+            opt.nvme.drain()
+            reads = opt.nvme.file.stats().reads
+            eng.forward_begin()
+            model(**micro[0])
+            eng.forward_end_eval()
+            units = [i for i in range(len(opt.chunks)) if i != eng.root.spec.index]  # the root stays gathered
+            got, want = opt.nvme.file.stats().reads - reads, sum(len(opt.nvme.pieces[i]) for i in units)
+            assert got == want, (got, want, [len(p) for p in opt.nvme.pieces], eng.root.spec.index)
         out[(name, clip, stage, accum)] = (losses, eng.full_state_dict())
         eng.close()
     return out
@@ -79,6 +95,7 @@ def _train(tmp, jobs, world):
 def test_offload_tiers_match_no_offload(tmp_path):
     jobs = [(name, clip, stage, accum) for name in ("none", "cpu", "nvme", "mixed")
             for clip, stage, accum in ((0.0, 3, 1), (0.05, 3, 2), (0.05, 2, 1))]
+    jobs += [("nvme_params", clip, 3, accum) for clip, accum in ((0.0, 1), (0.05, 2))]  # parameters: stage 3
     got = run_ranks(_train, 2, str(tmp_path), jobs, 2)
     for name, clip, stage, accum in jobs:
         if name == "none":

@@ -41,23 +41,35 @@ class Staged:
     lo: int
     hi: int
     bufs: list[torch.Tensor]
-    views: list[torch.Tensor]
+    views: list[torch.Tensor]           # one per state kind (fp32)
     handles: list = field(default_factory=list)
+    param_view: torch.Tensor | None = None  # compute-dtype parameters of the piece (parameters on NVMe)
 
 
 class NVMeStateStore:
     """Extents, staging sets and the piece pipeline of one rank's NVMe-resident state."""
 
     def __init__(self, path: str, rank: int, shard_numels: list[int], kinds: tuple[str, ...], aio,
-                 alloc: Callable, buffer_count: int, piece_numel: int, setting: str) -> None:
+                 alloc: Callable, buffer_count: int, piece_numel: int, setting: str,
+                 param_dtype: torch.dtype | None = None) -> None:
         """``kinds``: state names per chunk, the master first; ``alloc(sizes)`` returns
-        (byte buffers, release callable) -- pinned when the caller pins."""
+        (byte buffers, release callable) -- pinned when the caller pins.  ``param_dtype``:
+        also keep every chunk's compute-dtype parameters here (extents ``(i, "param", lo)``),
+        written with the state after each step and read by gathers; pieces must then
+        start 4 KiB-aligned in that dtype too (``piece_numel`` a multiple of 4096 / itemsize)."""
         from tierlift.offload.nvme import NVMeFile
 
         self.kinds = kinds
         self.piece_numel = piece_numel
+        self.param_dtype = param_dtype
+        self._param_item = torch.empty((), dtype=param_dtype).element_size() if param_dtype else 0
+        if param_dtype is not None and (piece_numel * self._param_item) % 4096:
+            raise ValueError(f"piece_numel {piece_numel} x {self._param_item} B is not 4 KiB-aligned")
         self.pieces = [split_pieces(n, piece_numel) for n in shard_numels]
         items = [((i, k, lo), (hi - lo) * 4) for i, ps in enumerate(self.pieces) for k in kinds for lo, hi in ps]
+        if param_dtype is not None:
+            items += [((i, "param", lo), (hi - lo) * self._param_item) for i, ps in enumerate(self.pieces)
+                      for lo, hi in ps]
         self.file = NVMeFile(path, rank, plan_extents(items), aio, setting=setting)
         self._alloc = alloc
         self.buffer_count = buffer_count
@@ -81,7 +93,8 @@ class NVMeStateStore:
         self.drain()
         for release in self._release:
             release()
-        sets = [self._alloc([need * 4] * len(self.kinds)) for _ in range(self.buffer_count)]
+        sizes = [need * 4] * len(self.kinds) + ([need * self._param_item] if self.param_dtype else [])
+        sets = [self._alloc(sizes) for _ in range(self.buffer_count)]
         self._free = [bufs for bufs, _ in sets]
         self._release = [release for _, release in sets]
         self.staging_numel = need
@@ -108,17 +121,20 @@ class NVMeStateStore:
     # -- the piece pipeline ------------------------------------------------------------
     def start_read(self, chunk: int, lo: int, hi: int) -> Staged:
         self._settle_writes_of(chunk, lo)
-        bufs = self._acquire()
-        views = [b.view(torch.float32)[:hi - lo] for b in bufs]
-        st = Staged(chunk, lo, hi, bufs, views)
-        st.handles = [self.file.read((chunk, k, lo), v) for k, v in zip(self.kinds, views)]
+        st = self._staged(chunk, lo, hi, self._acquire())
+        st.handles = [self.file.read((chunk, k, lo), v) for k, v in zip(self.kinds, st.views)]
         return st
+
+    def _staged(self, chunk: int, lo: int, hi: int, bufs: list[torch.Tensor]) -> Staged:
+        n = len(self.kinds)
+        views = [b.view(torch.float32)[:hi - lo] for b in bufs[:n]]
+        param = bufs[n].view(self.param_dtype)[:hi - lo] if self.param_dtype is not None else None
+        return Staged(chunk, lo, hi, bufs, views, param_view=param)
 
     def fresh(self, chunk: int, lo: int, hi: int) -> Staged:
         """A staging set for a piece whose contents the caller writes from scratch."""
         self._settle_writes_of(chunk, lo)
-        bufs = self._acquire()
-        return Staged(chunk, lo, hi, bufs, [b.view(torch.float32)[:hi - lo] for b in bufs])
+        return self._staged(chunk, lo, hi, self._acquire())
 
     def wait_read(self, st: Staged) -> list[torch.Tensor]:
         import time
@@ -130,9 +146,25 @@ class NVMeStateStore:
         return st.views
 
     def start_write(self, st: Staged) -> None:
-        """Write the piece back; its set returns to the pool when the write is done."""
+        """Write the piece back (and its compute-dtype parameters, when kept here); its set
+        returns to the pool when the write is done.  A later read of the same extent --
+        from any thread -- is ordered after this write by the file itself."""
         st.handles = [self.file.write((st.chunk, k, st.lo), v) for k, v in zip(self.kinds, st.views)]
+        if st.param_view is not None:
+            st.handles.append(self.file.write((st.chunk, "param", st.lo), st.param_view))
         self._inflight.append(st)
+
+    # -- parameters (only with param_dtype) ------------------------------------------------
+    def write_params(self, chunk: int, lo: int, src: torch.Tensor) -> None:
+        """Write one piece's compute-dtype parameters (``src``: 4 KiB-aligned host tensor)."""
+        self.file.write((chunk, "param", lo), src).wait()
+
+    def read_params(self, chunk: int, out: torch.Tensor) -> None:
+        """Read a chunk's compute-dtype parameters into ``out`` (a 4 KiB-aligned host tensor of
+        at least the chunk's elements), piece by piece; safe from any thread."""
+        handles = [self.file.read((chunk, "param", lo), out[lo:hi]) for lo, hi in self.pieces[chunk]]
+        for h in handles:
+            h.wait()
 
     def drain(self) -> None:
         while self._inflight:

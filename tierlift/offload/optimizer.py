@@ -59,6 +59,9 @@ __all__ = ["OffloadedOptimizer", "Tier"]
 # worker steps this one; more would only hold host memory (waiting gradients stay on
 # the device, in the backlog).
 _RING_SLOTS = 2
+# Pinned slots for parameters read from NVMe: one is filled while the copies out of the
+# others (H2D, guarded by their events) finish.
+_PARAM_SLOTS = 4
 
 
 class _ChunkPhase(enum.Enum):
@@ -96,6 +99,10 @@ class OffloadedOptimizer(HostStateMixin):
         self.compute_dtype = compute_dtype
         policy = offload.optimizer
         self.policy = policy
+        # Compute-dtype parameters of NVMe-tier chunks on NVMe too (offload.param: nvme):
+        # written with the state after each step, read into a pinned slot for each gather.
+        self.params_on_nvme = isinstance(offload.param, NVMeOffload)
+        self._pslots: list[list] = []  # [slot tensor, event guarding its last copy-out]
         self.pool = None
         self.nvme = None
         self.policy_buffer_count = max(2, getattr(policy, "buffer_count", 2))
@@ -113,7 +120,7 @@ class OffloadedOptimizer(HostStateMixin):
             # grad: allocated on first need (accumulation or deferred steps); an
             # immediate step reads its gradient straight from a ring slot instead.
             hc = _HostChunk(c.index, tier, n, None, None, None, {}, threading.Event())
-            if tier is Tier.NVME:
+            if tier is Tier.NVME and not self.params_on_nvme:
                 self._alloc_param16(hc)
                 hc.param16.copy_(m)
             hc.done.set()
@@ -164,7 +171,7 @@ class OffloadedOptimizer(HostStateMixin):
         n = c.shard_numel
         if tier is Tier.HOST:
             return n * 4 * (1 + len(self.kinds))
-        return n * self.compute_dtype.itemsize
+        return 0 if self.params_on_nvme else n * self.compute_dtype.itemsize
 
     def _alloc(self, sizes: list[int]):
         """Byte buffers of ``sizes`` in one allocation, 4 KiB aligned (O_DIRECT straight
@@ -218,11 +225,14 @@ class OffloadedOptimizer(HostStateMixin):
 
     def _open_nvme(self, chunks, masters, rank) -> None:
         from tierlift.offload.nvme_state import DEFAULT_PIECE_NUMEL, NVMeStateStore
-        # Pieces start 4 KiB-aligned (O_DIRECT straight into slices of full-chunk buffers).
-        piece = max(1024, self.policy.buffer_size // 1024 * 1024) if self.policy.buffer_size else DEFAULT_PIECE_NUMEL
+        # Pieces start 4 KiB-aligned (O_DIRECT straight into slices of full-chunk buffers),
+        # in fp32 state and, with parameters on NVMe, in the compute dtype too.
+        align = 4096 // min(4, self.compute_dtype.itemsize) if self.params_on_nvme else 1024
+        piece = max(align, self.policy.buffer_size // align * align) if self.policy.buffer_size else DEFAULT_PIECE_NUMEL
         self.nvme = NVMeStateStore(self.policy.path, rank, [c.shard_numel for c in chunks], ("master",) + self.kinds,
                                    self.policy.aio, self._alloc, self.policy_buffer_count, piece,
-                                   setting="offload.optimizer.path")
+                                   setting="offload.optimizer.path",
+                                   param_dtype=self.compute_dtype if self.params_on_nvme else None)
         self._ensure_staging()
         # Initial state of NVMe-tier chunks: master from the model, zero moments, a piece
         # at a time through one staging set.
@@ -234,6 +244,8 @@ class OffloadedOptimizer(HostStateMixin):
                 staged.views[0].copy_(m[lo:hi])
                 for v in staged.views[1:]:
                     v.zero_()
+                if staged.param_view is not None:
+                    staged.param_view.copy_(m[lo:hi])
                 self.nvme.start_write(staged)
             masters[j] = None
         self.nvme.drain()
@@ -331,7 +343,40 @@ class OffloadedOptimizer(HostStateMixin):
         hc = self.chunks[index]
         hc.done.wait()
         self._raise()
-        return hc.master if hc.tier is Tier.HOST else hc.param16
+        if hc.tier is Tier.HOST:
+            return hc.master
+        if hc.param16 is not None:
+            return hc.param16
+        return self._read_params(hc)
+
+    def _read_params(self, hc: _HostChunk) -> torch.Tensor:
+        """Parameters on NVMe: read the chunk's into a free pinned slot (its last copy-out
+        done) and hand it out until ``release_source``.  The file orders this read after
+        the step's write of the same extents.  Training thread only."""
+        if not self._pslots:
+            n = max((c.shard_numel for c in self.chunks if c.tier is Tier.NVME), default=0)
+            self._pslots = [[self._alloc([n * self.compute_dtype.itemsize])[0][0].view(self.compute_dtype), None]
+                            for _ in range(_PARAM_SLOTS)]
+            self._pslot_of: dict[int, list] = {}
+        free = [s for s in self._pslots if s not in self._pslot_of.values()]
+        if not free:
+            raise RuntimeError(f"all {_PARAM_SLOTS} parameter slots are handed out: release_source() each "
+                               "chunk's source after its copy is enqueued.")
+        slot = free[0]
+        if slot[1] is not None:
+            slot[1].synchronize()  # the previous copy out of this slot has finished
+            slot[1] = None
+        view = slot[0][:hc.shard_numel]
+        self.nvme.read_params(hc.index, slot[0])
+        self._pslot_of[hc.index] = slot
+        return view
+
+    def release_source(self, index: int, event=None) -> None:
+        """The caller has enqueued its copy out of ``wait_chunk(index)``'s tensor; ``event``
+        (CUDA) completes when that copy has.  Only parameters read from NVMe hold a slot."""
+        slot = getattr(self, "_pslot_of", {}).pop(index, None)
+        if slot is not None:
+            slot[1] = event
 
     def is_stepped(self, index: int) -> bool:
         """Chunk ``index`` has no step queued or running (``wait_chunk`` would not block)."""
@@ -517,6 +562,8 @@ class OffloadedOptimizer(HostStateMixin):
             t1 = time.perf_counter()
             if hc.param16 is not None:
                 hc.param16[lo:hi].copy_(master)
+            elif hc.tier is Tier.NVME and staged.param_view is not None:
+                staged.param_view.copy_(master)  # written with the state below
             self.busy["step"] += t1 - t0
             self.busy["cast"] += time.perf_counter() - t1
             if grad is None:

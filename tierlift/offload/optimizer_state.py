@@ -35,7 +35,9 @@ class HostStateMixin:
             if hc.tier is not Tier.HOST:
                 continue
             self.nvme.write_chunk(i, [hc.master] + [hc.states[k] for k in self.kinds])
-            if hc.param16 is None:  # the engine now gathers from a compute-dtype host copy
+            if self.params_on_nvme:  # gathers now read the compute-dtype parameters from NVMe
+                self._write_params(i, hc.master)
+            elif hc.param16 is None:  # the engine now gathers from a compute-dtype host copy
                 self._alloc_param16(hc)
                 hc.param16.copy_(hc.master)
             hc.master, hc.states, hc.tier = None, {}, Tier.NVME
@@ -97,6 +99,9 @@ class HostStateMixin:
         cur.flush()
         for i in changed:
             hc = self.chunks[i]
+            if self.params_on_nvme:
+                self._write_params(i, None, cur)
+                continue
             for lo, hi in self.nvme.pieces[i]:
                 hc.param16[lo:hi].copy_(cur.read(i, "master", lo, hi))
 
@@ -106,5 +111,17 @@ class HostStateMixin:
         hc = self.chunks[index]
         if hc.tier is Tier.NVME:
             self.nvme.write_chunk(index, [master] + [states[k] for k in self.kinds])
-            hc.param16.copy_(master)
+            if self.params_on_nvme:
+                self._write_params(index, master)
+            else:
+                hc.param16.copy_(master)
 
+    def _write_params(self, index: int, master: torch.Tensor | None, cursor=None) -> None:
+        """Write chunk ``index``'s compute-dtype parameters to NVMe from ``master`` (host
+        fp32), or from the master on NVMe through ``cursor``, a piece at a time."""
+        from tierlift.offload.nvme import aligned_empty
+        buf = aligned_empty(self.nvme.piece_numel * self.compute_dtype.itemsize).view(self.compute_dtype)
+        for lo, hi in self.nvme.pieces[index]:
+            src = master[lo:hi] if master is not None else cursor.read(index, "master", lo, hi)
+            buf[:hi - lo].copy_(src)
+            self.nvme.write_params(index, lo, buf[:hi - lo])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -73,9 +74,15 @@ class ZeroEngine(EngineStateMixin):
         from tierlift.offload.policy import NVMeOffload
         if isinstance(self.offload.param, NVMeOffload):
             from tierlift.errors import ConfigError
-            raise ConfigError("parameters on NVMe are not supported yet (optimizer state on NVMe is).",
-                              setting="offload.param.kind", value="nvme",
-                              fix="use offload.param: {kind: cpu} with offload.optimizer: {kind: nvme, ...}.")
+            opt = self.offload.optimizer
+            if not isinstance(opt, NVMeOffload):
+                raise ConfigError("parameters on NVMe need the optimizer state on NVMe too (they share its "
+                                  "extent file).", setting="offload.optimizer.kind", value=type(opt).KIND,
+                                  fix="set offload.optimizer: {kind: nvme, path: <the same path>}.")
+            if os.path.abspath(self.offload.param.path) != os.path.abspath(opt.path):
+                raise ConfigError(f"parameters and optimizer state share one extent file per rank, under "
+                                  f"offload.optimizer.path ({opt.path!r}).", setting="offload.param.path",
+                                  value=self.offload.param.path, fix=f"set offload.param.path to {opt.path!r}.")
         self.model = model
         self.cfg = zero
         self.precision = precision
@@ -191,9 +198,12 @@ class ZeroEngine(EngineStateMixin):
         if self.host_opt is None:
             return c.compute_shard
         if c.compute_shard is None:  # parameters live on the host: a compute-dtype copy for this gather
-            return self._wait_host_step(c).to(self.compute_dtype)
+            out = self._wait_host_step(c).to(self.compute_dtype, copy=True)
+            self.host_opt.release_source(c.spec.index)
+            return out
         if c.stale:
             c.compute_shard.copy_(self._wait_host_step(c))
+            self.host_opt.release_source(c.spec.index)
             c.stale = False
         return c.compute_shard
 
@@ -215,6 +225,9 @@ class ZeroEngine(EngineStateMixin):
                         c.spec.shard_numel, dtype=self.compute_dtype, device=self.device)
                     c.gather_tmp = None if shard is c.full else shard
                 shard.copy_(src.to(self.device, non_blocking=True))  # H2D, then the cast, both on this stream
+                copied = torch.cuda.Event()
+                copied.record(stream)
+                self.host_opt.release_source(c.spec.index, copied)  # a slot read from NVMe is reusable after it
                 c.stale = False
             if self.world_size == 1:
                 if shard is not c.full:
