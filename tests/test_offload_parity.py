@@ -110,7 +110,7 @@ def test_offload_tiers_match_no_offload(tmp_path):
     assert got[("none", 0.05, 3, 2)][0][-1] < 0.97 * got[("none", 0.05, 3, 2)][0][0]
 
 
-def _resume(tmp, world):
+def _resume(tmp, world, params_on_nvme=False):
     """Train 10 steps straight; train 5, checkpoint NVMe-resident state, rebuild, resume 5."""
     from tierlift.models import build_model
     from tierlift.models.config import ModelConfig
@@ -125,7 +125,8 @@ def _resume(tmp, world):
             "zero": {"stage": 3}, "run": {"device": "cpu"},
             # small pieces: the checkpoint streams every chunk's state through several of them
             "offload": {"optimizer": {"kind": "nvme", "path": os.path.join(tmp, tag), "buffer_size": 2048},
-                        "param": {"kind": "cpu"}}})
+                        "param": {"kind": "nvme", "path": os.path.join(tmp, tag)} if params_on_nvme
+                        else {"kind": "cpu"}}})
 
     ds = arith_samples(512, seed=2)
     t = Trainer(build_model(ModelConfig(**MODEL), seed=5), cfg(f"a{os.environ['RANK']}"), train_data=ds)
@@ -143,8 +144,9 @@ def _resume(tmp, world):
 
 
 @pytest.mark.slow
-def test_resume_from_nvme_resident_checkpoint_reproduces_curve(tmp_path):
-    straight, resumed = run_ranks(_resume, 2, str(tmp_path), 2)
+@pytest.mark.parametrize("params_on_nvme", [False, True], ids=["params-host", "params-nvme"])
+def test_resume_from_nvme_resident_checkpoint_reproduces_curve(tmp_path, params_on_nvme):
+    straight, resumed = run_ranks(_resume, 2, str(tmp_path), 2, params_on_nvme)
     assert len(resumed) == len(straight) == STEPS
     for s, (a, b) in enumerate(zip(resumed, straight)):
         assert a == pytest.approx(b, rel=1e-6, abs=0), f"step {s}: resumed {a} vs straight {b}"
@@ -180,3 +182,28 @@ def test_checkpoint_streams_nvme_state_a_piece_at_a_time(tmp_path):
     assert read == want, f"read {read} bytes; each used piece of each kind once is {want}"
     assert max(hi - lo for ps in opt.nvme.pieces for lo, hi in ps) == 1024
     t.engine.close()
+
+
+def test_move_to_nvme_with_params_on_nvme_serves_params_from_the_file(tmp_path):
+    """A policy move host -> NVMe writes the chunk's compute-dtype parameters to the file;
+    the next gather's source is read back from it, equal to the master cast."""
+    from tierlift.offload.optimizer import OffloadedOptimizer, Tier
+    from tierlift.offload.policy import NVMeOffload, OffloadConfig
+    from tierlift.parallel.config import OptimizerConfig
+    from tierlift.parallel.layout import UnitSpec, plan_chunks
+
+    units = [UnitSpec("", (("embed.weight", (64, 64)),)), UnitSpec("blocks.0", (("blocks.0.w", (96, 64)),))]
+    layout = list(plan_chunks(units, 1, align_bytes=64))
+    masters = [torch.randn(c.shard_numel) for c in layout]
+    path = str(tmp_path / "nvme")
+    opt = OffloadedOptimizer(layout, 0, list(masters), OptimizerConfig(grad_clip=0.0),
+                             OffloadConfig(optimizer=NVMeOffload(path=path, max_in_cpu=10 ** 9, buffer_size=2048),
+                                           param=NVMeOffload(path=path)),
+                             torch.bfloat16, torch.device("cpu"), deferred=False)
+    assert [hc.tier for hc in opt.chunks] == [Tier.HOST, Tier.HOST]
+    assert opt.move_to_nvme([1]) == [1] and opt.chunks[1].param16 is None
+    src = opt.wait_chunk(1)
+    assert src.dtype == torch.bfloat16 and torch.equal(src, masters[1].to(torch.bfloat16))
+    opt.release_source(1)
+    assert torch.equal(opt.wait_chunk(0), masters[0])  # host tier: the fp32 master itself
+    opt.close()
