@@ -59,9 +59,6 @@ __all__ = ["OffloadedOptimizer", "Tier"]
 # worker steps this one; more would only hold host memory (waiting gradients stay on
 # the device, in the backlog).
 _RING_SLOTS = 2
-# Pinned slots for parameters read from NVMe: one is filled while the copies out of the
-# others (H2D, guarded by their events) finish.
-_PARAM_SLOTS = 4
 
 
 class _ChunkPhase(enum.Enum):
@@ -348,35 +345,6 @@ class OffloadedOptimizer(HostStateMixin):
         if hc.param16 is not None:
             return hc.param16
         return self._read_params(hc)
-
-    def _read_params(self, hc: _HostChunk) -> torch.Tensor:
-        """Parameters on NVMe: read the chunk's into a free pinned slot (its last copy-out
-        done) and hand it out until ``release_source``.  The file orders this read after
-        the step's write of the same extents.  Training thread only."""
-        if not self._pslots:
-            n = max((c.shard_numel for c in self.chunks if c.tier is Tier.NVME), default=0)
-            self._pslots = [[self._alloc([n * self.compute_dtype.itemsize])[0][0].view(self.compute_dtype), None]
-                            for _ in range(_PARAM_SLOTS)]
-            self._pslot_of: dict[int, list] = {}
-        free = [s for s in self._pslots if s not in self._pslot_of.values()]
-        if not free:
-            raise RuntimeError(f"all {_PARAM_SLOTS} parameter slots are handed out: release_source() each "
-                               "chunk's source after its copy is enqueued.")
-        slot = free[0]
-        if slot[1] is not None:
-            slot[1].synchronize()  # the previous copy out of this slot has finished
-            slot[1] = None
-        view = slot[0][:hc.shard_numel]
-        self.nvme.read_params(hc.index, slot[0])
-        self._pslot_of[hc.index] = slot
-        return view
-
-    def release_source(self, index: int, event=None) -> None:
-        """The caller has enqueued its copy out of ``wait_chunk(index)``'s tensor; ``event``
-        (CUDA) completes when that copy has.  Only parameters read from NVMe hold a slot."""
-        slot = getattr(self, "_pslot_of", {}).pop(index, None)
-        if slot is not None:
-            slot[1] = event
 
     def is_stepped(self, index: int) -> bool:
         """Chunk ``index`` has no step queued or running (``wait_chunk`` would not block)."""
