@@ -1,10 +1,12 @@
 """State access of the offloaded optimizer, apart from its step machinery: moving
 chunks between tiers (a policy decision) and what checkpoints and consolidated
 weights read and write -- host-tier chunks as views of their pinned buffers,
-NVMe-tier chunks streamed a piece at a time (``nvme_state.PieceCursor``).
+NVMe-tier chunks streamed a piece at a time (``nvme_state.PieceCursor``) -- and the
+pinned slots that gathers read NVMe-resident parameters into.
 
-A mixin of :class:`tierlift.offload.optimizer.OffloadedOptimizer`; every method runs
-at a step boundary, with the worker idle (they call ``wait_all`` first).
+A mixin of :class:`tierlift.offload.optimizer.OffloadedOptimizer`.  Tier moves and
+checkpoint access run at a step boundary with the worker idle (they call
+``wait_all`` first); the parameter slots serve the training thread's gathers.
 """
 
 from __future__ import annotations
