@@ -176,16 +176,15 @@ class NVMeStateStore:
     # -- whole chunks (setup, moves, checkpoints) ------------------------------------------
     def write_chunk(self, chunk: int, views: list[torch.Tensor]) -> None:
         """Write full-length ``views`` (one per kind) of ``chunk``; returns when durable in the file."""
-        self.drain()
-        handles = [self.file.write((chunk, k, lo), v[lo:hi]) for lo, hi in self.pieces[chunk]
-                   for k, v in zip(self.kinds, views)]
-        for h in handles:
-            h.wait()
+        self._whole_chunk(self.file.write, chunk, views)
 
     def read_chunk(self, chunk: int, views: list[torch.Tensor]) -> None:
+        """Read ``chunk``'s state into full-length ``views`` (one per kind)."""
+        self._whole_chunk(self.file.read, chunk, views)
+
+    def _whole_chunk(self, op: Callable, chunk: int, views: list[torch.Tensor]) -> None:
         self.drain()
-        handles = [self.file.read((chunk, k, lo), v[lo:hi]) for lo, hi in self.pieces[chunk]
-                   for k, v in zip(self.kinds, views)]
+        handles = [op((chunk, k, lo), v[lo:hi]) for lo, hi in self.pieces[chunk] for k, v in zip(self.kinds, views)]
         for h in handles:
             h.wait()
 
