@@ -205,5 +205,14 @@ def test_move_to_nvme_with_params_on_nvme_serves_params_from_the_file(tmp_path):
     src = opt.wait_chunk(1)
     assert src.dtype == torch.bfloat16 and torch.equal(src, masters[1].to(torch.bfloat16))
     opt.release_source(1)
+    opt.prefetch_source(1)  # read ahead, then handed out by wait_chunk without a second read
+    opt.nvme.file.wait_all()
+    reads = opt.nvme.file.stats().reads
+    assert torch.equal(opt.wait_chunk(1), masters[1].to(torch.bfloat16))
+    assert opt.nvme.file.stats().reads == reads
+    opt.release_source(1)
+    opt.prefetch_source(1)
+    opt.drop_prefetched()  # an unused read ahead gives its slot back
+    assert not opt._pslot_of and not opt._pread_of
     assert torch.equal(opt.wait_chunk(0), masters[0])  # host tier: the fp32 master itself
     opt.close()

@@ -17,9 +17,9 @@ import torch
 
 __all__ = ["Tier", "HostStateMixin"]
 
-# Pinned slots for parameters read from NVMe: one is filled while the copies out of the
-# others (H2D, guarded by their events) finish.
-_PARAM_SLOTS = 4
+# Pinned slots for parameters read from NVMe: reads run ahead of the gathers (prefetch
+# window + 2) while copies out of the others (H2D, guarded by their events) finish.
+_PARAM_SLOTS = 6
 
 
 class Tier(enum.Enum):
@@ -133,27 +133,70 @@ class HostStateMixin:
             self.nvme.write_params(index, lo, buf[:hi - lo])
 
     # -- parameters read from NVMe (offload.param: nvme) ---------------------------------
-    def _read_params(self, hc) -> torch.Tensor:
-        """Parameters on NVMe: read the chunk's into a free pinned slot (its last copy-out
-        done) and hand it out until ``release_source``.  The file orders this read after
-        the step's write of the same extents.  Training thread only."""
+    # A slot is [tensor, event]: the event guards the last copy out of it (H2D).  Slots
+    # are free, held by a chunk (read ahead, or handed out by wait_chunk until
+    # release_source), or free again once released.  Training thread only.
+    def _slots(self) -> dict:
         if not self._pslots:
             n = max((c.shard_numel for c in self.chunks if c.tier is Tier.NVME), default=0)
             self._pslots = [[self._alloc([n * self.compute_dtype.itemsize])[0][0].view(self.compute_dtype), None]
                             for _ in range(_PARAM_SLOTS)]
-            self._pslot_of: dict[int, list] = {}
-        free = [s for s in self._pslots if s not in self._pslot_of.values()]
-        if not free:
-            raise RuntimeError(f"all {_PARAM_SLOTS} parameter slots are handed out: release_source() each "
-                               "chunk's source after its copy is enqueued.")
-        slot = free[0]
-        if slot[1] is not None:
-            slot[1].synchronize()  # the previous copy out of this slot has finished
-            slot[1] = None
-        view = slot[0][:hc.shard_numel]
+            self._pslot_of: dict[int, list] = {}   # chunk -> its slot
+            self._pread_of: dict[int, list] = {}   # chunk -> reads in flight into its slot
+        return self._pslot_of
+
+    def _free_slot(self, block: bool):
+        held = {id(s) for s in self._slots().values()}
+        for slot in self._pslots:
+            if id(slot) in held:
+                continue
+            if slot[1] is not None:
+                if not block and not slot[1].query():
+                    continue
+                slot[1].synchronize()  # the previous copy out of this slot has finished
+                slot[1] = None
+            return slot
+        if block:
+            raise RuntimeError(f"all {_PARAM_SLOTS} parameter slots are held: release_source() each chunk's "
+                               "source after its copy is enqueued.")
+        return None
+
+    def prefetch_source(self, index: int) -> None:
+        """Start reading chunk ``index``'s parameters from NVMe into a free slot, without
+        waiting, when it has stepped (so the file orders the read after the step's write)
+        and a slot is free; ``wait_chunk`` then only waits for the read."""
+        hc = self.chunks[index]
+        if not (self.params_on_nvme and hc.tier is Tier.NVME and hc.param16 is None) or not hc.done.is_set():
+            return
+        if index in self._slots():
+            return
+        slot = self._free_slot(block=False)
+        if slot is None:
+            return
+        self._pslot_of[index] = slot
+        self._pread_of[index] = [self.nvme.file.read((index, "param", lo), slot[0][lo:hi])
+                                 for lo, hi in self.nvme.pieces[index]]
+
+    def drop_prefetched(self) -> None:
+        """Give back slots read ahead for chunks no gather used (a path not taken):
+        their contents go stale at the chunk's next step."""
+        for index in list(getattr(self, "_pread_of", {})):
+            for h in self._pread_of.pop(index):
+                h.wait()
+            self._pslot_of.pop(index, None)
+
+    def _read_params(self, hc) -> torch.Tensor:
+        """Parameters on NVMe: the chunk's, in a pinned slot handed out until
+        ``release_source`` -- read ahead by ``prefetch_source`` or read now."""
+        self._slots()
+        if hc.index in self._pread_of:
+            for h in self._pread_of.pop(hc.index):
+                h.wait()
+            return self._pslot_of[hc.index][0][:hc.shard_numel]
+        slot = self._free_slot(block=True)
         self.nvme.read_params(hc.index, slot[0])
         self._pslot_of[hc.index] = slot
-        return view
+        return slot[0][:hc.shard_numel]
 
     def release_source(self, index: int, event=None) -> None:
         """The caller has enqueued its copy out of ``wait_chunk(index)``'s tensor; ``event``

@@ -295,6 +295,12 @@ class ZeroEngine(EngineStateMixin):
     def _prefetch(self, order: list[int], pos: int) -> None:
         if self.cfg.stage != 3:
             return
+        if self.host_opt is not None and self.host_opt.params_on_nvme:
+            # Disk reads run two groups further ahead than the gathers that consume them.
+            for idx in order[pos + 1: pos + 3 + self.cfg.prefetch_units]:
+                for c in self.groups[idx].chunks:
+                    if c.state is Residency.SHARDED and c.compute_shard is None:
+                        self.host_opt.prefetch_source(c.spec.index)
         bound = self.cfg.max_live_params
         budget = self.cfg.prefetch_bytes or None  # bytes gathered ahead of use, at the compute dtype
         itemsize = torch.finfo(self.compute_dtype).bits // 8
@@ -415,6 +421,8 @@ class ZeroEngine(EngineStateMixin):
         """Call before each micro-batch's forward (and before an eval forward)."""
         self.phase = Phase.FORWARD
         self._cur_order = []
+        if self.host_opt is not None:  # reads ahead no gather used: stale once their chunk stepped
+            self.host_opt.drop_prefetched()
         for g in self.groups:
             g.reduced = False
         if self.root is not None:
@@ -439,6 +447,8 @@ class ZeroEngine(EngineStateMixin):
             for g in self.groups:
                 if g.index not in ran and not g.persistent and not self._is_sharded(g):
                     self._reshard(g)
+            if self.host_opt is not None:
+                self.host_opt.drop_prefetched()
         self.phase = Phase.BACKWARD
         self._last_micro = sync_grads
         try:
