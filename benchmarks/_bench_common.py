@@ -390,3 +390,12 @@ def llama_params(name: str) -> int:
     kv = h * p["num_key_value_heads"] // p["num_attention_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
     return 2 * vocab * h + layers * per_layer + h
+
+
+def write_report(out_dir: str, stem: str, md_lines: list[str], obj: Any) -> None:
+    """A device-session report: OUT_DIR/STEM.md (printed too) and OUT_DIR/STEM.json (atomic)."""
+    text = "\n".join(md_lines).rstrip("\n") + "\n"
+    with open(os.path.join(out_dir, stem + ".md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    write_json(os.path.join(out_dir, stem + ".json"), obj)
+    print(text, end="")

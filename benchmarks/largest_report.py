@@ -71,11 +71,7 @@ def main(out: str) -> int:
         lines += ["", f"tierlift's largest trained: {tl['params'] / 1e9:.2f} B; DeepSpeed ZeRO-Infinity's: "
                   f"{ds['params'] / 1e9:.2f} B. Ratio of the largest trained: {ratio:.2f}x "
                   f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'}).{note}"]
-    with open(os.path.join(out, "largest_model.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out, "largest_model.json"), "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=2)
-    print("\n".join(lines))
+    bc.write_report(out, "largest_model", lines, res)
     return 0
 
 

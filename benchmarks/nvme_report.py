@@ -21,6 +21,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_common as bc  # noqa: E402
+
 
 def _load(path: str):
     try:
@@ -97,11 +100,7 @@ def main(out: str) -> int:
                         f"{err:+.1%} | within ±20% | {'met' if abs(err) <= 0.2 else 'NOT met'} |")
     md = ["# L1B with NVMe offload and planned placement, one H100 session", "",
           "| quantity | value | target | |", "|---|---|---|---|", *rows, ""]
-    with open(os.path.join(out, "nvme_l1b.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(md))
-    with open(os.path.join(out, "nvme_l1b.json"), "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=2)
-    print("\n".join(md))
+    bc.write_report(out, "nvme_l1b", md, res)
     return 0
 
 

@@ -143,7 +143,7 @@ class OffloadedOptimizer(HostStateMixin):
         self._cuda_index = None
         if device.type == "cuda":
             self._cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-        self.busy = {"wait_d2h": 0.0, "grad": 0.0, "norm": 0.0, "step": 0.0, "cast": 0.0, "nvme_read": 0.0}
+        self.busy = {"wait_d2h": 0.0, "grad": 0.0, "norm": 0.0, "step": 0.0, "cast": 0.0}
         if device.type == "cuda":  # before the worker starts: it uses the stream
             self._d2h = torch.cuda.Stream(device)
         self._worker = threading.Thread(target=self._loop, name=f"tierlift-hostopt-r{rank}", daemon=True)
@@ -541,8 +541,6 @@ class OffloadedOptimizer(HostStateMixin):
             if last:
                 hc.phase = _ChunkPhase.IDLE
                 hc.done.set()
-        if self.nvme is not None:
-            self.busy["nvme_read"] = self.nvme.read_wait_s
 
     def begin_step(self, lr: float) -> None:
         """The learning rate of the step whose gradients are about to arrive (immediate mode)."""
@@ -567,7 +565,8 @@ class OffloadedOptimizer(HostStateMixin):
         full gradient backlog (``backlog_blocked``) and its peak size in GiB; with NVMe,
         GiB the disk read and wrote and its busy seconds."""
         out = {**self.busy, "backlog_blocked": self.backlog.blocked_s,
-               "backlog_peak_gib": self.backlog.peak_bytes / 2 ** 30}
+               "backlog_peak_gib": self.backlog.peak_bytes / 2 ** 30,
+               "nvme_read": self.nvme.read_wait_s if self.nvme is not None else 0.0}
         if self.nvme is not None:  # what the disk moved, and how long it had work
             st = self.nvme.file.stats()
             out.update(nvme_read_gib=st.bytes_read / 2 ** 30, nvme_written_gib=st.bytes_written / 2 ** 30,
