@@ -278,7 +278,7 @@ def _merge_ranks(a, rec: dict, ranks: list) -> None:
     if r0:
         for k in ("gpu_name", "gpu_count", "cuda", "env", "deepspeed_version", "n_params", "optimizer_impl",
                   "ds_config", "tierlift_config", "tierlift_summary", "build_model_s", "pinned_host", "warnings",
-                  "torch_runtime"):
+                  "gpu_frag_bytes", "torch_runtime"):
             if k in r0:
                 rec[k] = r0[k]
     for key in ("peak_gpu_alloc_gib", "peak_gpu_reserved_gib", "gpu_used_at_end_gib"):

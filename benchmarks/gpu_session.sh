@@ -7,6 +7,8 @@
 #
 # Stages (environment STAGES, comma-separated; they run in the order listed here):
 #   tests   the GPU-marked tests (pytest -m gpu), log in $OUT/gpu_tests.log
+#   arena   L1B, tierlift with zero.arena pool vs shared (and DeepSpeed), for each of ARENA_OFFLOAD
+#           (none,cpu): fragmentation per step; report -> $OUT/arena.md
 #   phases  benchmarks/bench_offload_phases.py -> $OUT/offload_phases.json
 #   pinned  benchmarks/bench_pinned.py -> $OUT/pinned.json
 #   plan    tierlift doctor --calibrate, then tierlift plan of benchmarks/configs/l1b-offload-*.yaml
@@ -36,6 +38,20 @@ echo "=== setup done at $(( SECONDS - T0 )) s"
 if has tests; then
     echo "=== stage tests ($(left) s left)"
     timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+fi
+if has arena; then  # issue 4: the GPU chunk arena keeps reserved - allocated flat
+    for off in ${ARENA_OFFLOAD:-none cpu}; do
+        for arena in pool shared; do
+            systems=tierlift
+            [ "$arena" = pool ] && systems="${ARENA_PEERS:-tierlift,deepspeed}"
+            echo "=== stage arena: offload $off, arena $arena, $systems ($(left) s left)"
+            python3 benchmarks/bench_zero.py --gpus 1 --systems "$systems" --model l1b --steps 8 --warmup 3 \
+                --offload "$off" --timeout 150 --budget "$(( $(left) - 20 ))" --min-run-s 40 \
+                --tl-config "{\"zero\": {\"arena\": \"$arena\"}}" --out "$OUT/arena_${off}_${arena}.json" \
+                --logdir "/tmp/arena_logs/$off-$arena" 2>&1 | grep -E "^\[bench_zero\]" | head -6
+        done
+    done
+    python3 benchmarks/arena_report.py "$OUT" || true
 fi
 if has phases; then
     echo "=== stage phases ($(left) s left)"

@@ -90,13 +90,18 @@ def _sync_fn(device):
     return lambda: None
 
 
-def _timed_steps(step_fn, steps: int, device) -> tuple[list[float], list[float], float]:
+def _timed_steps(step_fn, steps: int, device, rec: dict) -> tuple[list[float], list[float], float]:
     """Run ``steps`` optimizer steps, each bracketed by a device sync so a step's
     time holds all of its GPU work and none of the next one's.  Losses are read
     after the loop (a .item() per step would add a sync we already pay, but
-    keeping them as tensors keeps the timed region free of host conversions)."""
+    keeping them as tensors keeps the timed region free of host conversions).
+    rec["gpu_frag_bytes"]: reserved - allocated after each step (GPU), as tierlift's
+    Trainer records it, so fragmentation over a run compares like for like."""
+    import torch
+
     sync = _sync_fn(device)
     times, losses = [], []
+    frag = rec["gpu_frag_bytes"] = []
     t_all = time.perf_counter()
     for _ in range(steps):
         sync()
@@ -105,6 +110,8 @@ def _timed_steps(step_fn, steps: int, device) -> tuple[list[float], list[float],
         sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.detach())
+        if device.type == "cuda":
+            frag.append(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     wall = time.perf_counter() - t_all
     return times, [float(x.float().cpu()) for x in losses], wall
 
@@ -174,7 +181,7 @@ def run_deepspeed(args, model, x, y, device, world, rec):
         engine.step()
         return loss
 
-    return _timed_steps(step, args.steps, device)
+    return _timed_steps(step, args.steps, device, rec)
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +236,7 @@ def run_fsdp2(args, model, x, y, device, world, rec):
         state["first"] = False
         return loss
 
-    return _timed_steps(step, args.steps, device)
+    return _timed_steps(step, args.steps, device, rec)
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +304,7 @@ def run_tierlift(args, model, ids, labels, device, world, rec):
     # tierlift's own view of its memory, a cross-check on the harness's numbers.
     rec["tierlift_summary"] = {k: getattr(summary, k) for k in (
         "tokens_per_s", "peak_gpu_alloc_bytes", "peak_gpu_reserved_bytes", "peak_host_rss_bytes", "pinned_bytes",
-        "grad_norms", "offload_busy_s") if hasattr(summary, k)}
+        "grad_norms", "offload_busy_s", "gpu_frag_bytes", "arena_growth_bytes") if hasattr(summary, k)}
     if len(step_times) != args.steps:
         rec.setdefault("warnings", []).append(f"summary.step_times has {len(step_times)} entries, "
                                               f"expected {args.steps}")

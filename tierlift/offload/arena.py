@@ -1,319 +1,233 @@
-"""GPU chunk arena: fixed slots allocated once, reused for the whole run.
+"""GPU chunk arena: a private, pre-reserved pool for the engine's chunk buffers.
 
-Gathered chunks, shards and gradient buffers come and go every block; through the
-caching allocator that churn fragments GPU memory (reserved grows while allocated
-does not).  The arena takes one ``torch.empty`` per slot class up front and hands
-out views, so the allocator never sees the churn: ``fragmentation()`` (reserved -
-allocated, bytes) stays flat over a run, which is the proof.
+Gathered chunks, the device shards a gather reads and the gradient buffers of
+the reduce-scatter come and go every unit.  Through torch's shared caching
+allocator that churn interleaves with activations of every size: segments get
+split, and reserved - allocated (fragmentation) grows over a run until an
+allocation fails with memory free but in pieces.  The arena gives these buffers
+their own pool, sized by a pure plan (``plan_arena``) and reserved when the
+engine is built, so the churn reuses the same fixed-size blocks every step and
+never meets an activation.
 
-Every slot start is 4 KiB aligned (sizes rounded up to 4 KiB, bases aligned) so a
-slot can also be a GDS/O_DIRECT target.
+Why a ``torch.cuda.MemPool`` and not fixed tensor slots handed out as views:
+autograd keeps views of weights (``w.t()`` saved for backward).  A gathered chunk
+must therefore keep *one storage object* for the whole run, freed and refilled in
+place (``untyped_storage().resize_``), or a saved view would read whatever the
+next unit put in a reused slot.  torch has no public way to point an existing
+storage at memory we own; it does have MemPool, which routes the storage's own
+allocation into a private pool.  With ``no_split`` (where torch offers it) every
+block is a fixed slot: never split, never merged.  Blocks are also per stream in
+torch's allocator, so each slot class is reserved on the stream that will ask
+for it (the compute stream, or the engine's H2D stream for gather shards).
 
-Residency of a slot is an explicit state machine with asserted transitions::
-
-    FREE --acquire--> IN_USE --release(event=None)--> FREE
-                      IN_USE --release(event)-------> PENDING_EVENT --event done--> FREE
-                                                      PENDING_EVENT --acquire-----> IN_USE
-
-Event policy (chosen): ``acquire`` never blocks the host.  It prefers a FREE slot,
-then a PENDING one whose event has completed, and otherwise takes the PENDING slot
-released first and makes the caller's stream wait on its event
-(``stream.wait_event``, a GPU-side dependency).  The slot must then be used on that
-stream, or on streams ordered after it.  ``acquire`` raises only when every slot of
-the class is IN_USE: the caller must release one (reshard, finish a copy) first.
-On CPU there are no streams: a pending event is waited on the host
-(``event.synchronize()``), and slots are CPU tensors.
+Sync points: none added.  Freed blocks follow the allocator's usual stream rules
+(the engine records streams / waits works exactly as without the arena).
+``scope()`` routes only the calling thread's allocations, so the engine enters
+it around each allocation, in whichever thread (forward: main; backward:
+autograd's device thread) makes it.  On CPU there is no caching allocator and no
+arena: ``ChunkArena`` is only built for CUDA devices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import threading
-import warnings
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from tierlift.errors import TierliftError
-from tierlift.offload.pinned import Event, _round_up  # one guarding-event protocol for host and GPU buffers
 
-__all__ = ["SlotState", "SlotStateError", "ArenaExhaustedError", "Slot", "ArenaStats", "ChunkArena"]
-
-ALIGN = 4096  # bytes: slot starts and sizes
+__all__ = ["SlotKind", "SlotClass", "ArenaPlan", "ChunkShape", "plan_arena", "ArenaStats", "ChunkArena", "arena_for"]
 
 
-class SlotState(enum.Enum):
-    FREE = "free"
-    IN_USE = "in_use"
-    PENDING_EVENT = "pending_event"  # released, but GPU work recorded in its event may still touch it
+class SlotKind(enum.Enum):
+    GATHERED = "gathered"          # a unit's gathered parameters, compute dtype (stage 3)
+    GATHER_SHARD = "gather_shard"  # this rank's compute-dtype shard copied in from the host (world > 1)
+    GRAD_FLAT = "grad_flat"        # a chunk's flattened full gradient, reduce dtype
+    GRAD_SHARD = "grad_shard"      # the reduce-scatter's output shard, reduce dtype (world > 1)
 
 
-_TRANSITIONS = {
-    (SlotState.FREE, SlotState.IN_USE),
-    (SlotState.IN_USE, SlotState.FREE),
-    (SlotState.IN_USE, SlotState.PENDING_EVENT),
-    (SlotState.PENDING_EVENT, SlotState.FREE),
-    (SlotState.PENDING_EVENT, SlotState.IN_USE),
-}
+@dataclass(frozen=True)
+class SlotClass:
+    kind: SlotKind
+    nbytes: int   # bytes of one block as requested (the allocator rounds up to 512 B)
+    count: int    # blocks reserved
+    stream: str   # "compute" (the stream the engine's hooks run on) or "h2d" (the engine's copy stream)
 
 
-class SlotStateError(RuntimeError):
-    """A slot was used against its state machine (double release, stale handle): a bug."""
-
-
-class ArenaExhaustedError(TierliftError):
-    """Every slot of the class that fits the request is in use."""
-
-
-class _Record:
-    """Arena-side state of one slot."""
-
-    __slots__ = ("index", "capacity", "data", "state", "event", "lease", "tag", "nbytes", "seq")
-
-    def __init__(self, index: int, capacity: int, data: torch.Tensor):
-        self.index, self.capacity, self.data = index, capacity, data  # data: uint8 view of ``capacity`` bytes
-        self.state = SlotState.FREE
-        self.event: Event | None = None
-        self.lease = 0  # bumped on every acquire; a Slot handle is valid only for its lease
-        self.tag = ""
-        self.nbytes = 0
-        self.seq = 0  # release order, to wait on the oldest pending slot first
-
-    def move(self, to: SlotState) -> None:
-        if (self.state, to) not in _TRANSITIONS:
-            raise SlotStateError(f"slot {self.index} ({self.tag or 'untagged'}): illegal transition "
-                                 f"{self.state.name} -> {to.name}")
-        self.state = to
-
-
-class Slot:
-    """A lease on one slot: ``tensor`` is a uint8 view of exactly the requested ``nbytes``."""
-
-    __slots__ = ("index", "lease", "nbytes", "capacity", "tensor", "waited")
-
-    def __init__(self, rec: _Record, waited: bool):
-        self.index, self.lease, self.nbytes, self.capacity = rec.index, rec.lease, rec.nbytes, rec.capacity
-        self.tensor = rec.data[:rec.nbytes]
-        self.waited = waited  # the caller's stream was made to wait on the previous user's event
+@dataclass(frozen=True)
+class ArenaPlan:
+    classes: tuple[SlotClass, ...]
 
     @property
-    def data_ptr(self) -> int:
-        return self.tensor.data_ptr()
+    def total_bytes(self) -> int:
+        return sum(c.nbytes * c.count for c in self.classes)
 
-    def view(self, dtype: torch.dtype, numel: int | None = None, offset: int = 0) -> torch.Tensor:
-        """``numel`` elements of ``dtype`` at byte ``offset`` (default: all that fit in ``nbytes``)."""
-        item = dtype.itemsize
-        if offset < 0 or offset % item:
-            raise ValueError(f"slot {self.index}: byte offset {offset} is not a multiple of {dtype}'s {item} bytes")
-        numel = (self.nbytes - offset) // item if numel is None else numel
-        end = offset + numel * item
-        if numel < 0 or end > self.nbytes:
-            raise ValueError(f"slot {self.index}: {numel} x {dtype} at byte {offset} ends at {end}, "
-                             f"beyond the {self.nbytes} bytes acquired")
-        return self.tensor[offset:end].view(dtype)
+    def describe(self) -> str:
+        return ", ".join(f"{c.count} x {c.nbytes / 2**20:.1f} MiB {c.kind.value}" for c in self.classes) or "empty"
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """What the plan needs of one chunk."""
+
+    group: int          # index of the group (top-level unit) that gathers it, in forward order
+    padded_numel: int   # elements of the gathered chunk
+    shard_numel: int    # elements of one rank's shard
+    persistent: bool    # stays gathered for the whole run (the root, small chunks): never churns
+
+
+def _max_in_windows(sizes_by_group: list[list[int]], window: int) -> dict[int, int]:
+    """{size: most blocks of that size alive at once} over every ``window`` consecutive groups."""
+    best: dict[int, int] = {}
+    n = len(sizes_by_group)
+    for start in range(max(1, n - window + 1)):
+        counts: dict[int, int] = {}
+        for sizes in sizes_by_group[start:start + window]:
+            for s in sizes:
+                counts[s] = counts.get(s, 0) + 1
+        for s, k in counts.items():
+            best[s] = max(best.get(s, 0), k)
+    return best
+
+
+def plan_arena(chunks: Sequence[ChunkShape], *, world_size: int, stage: int, prefetch_units: int,
+               compute_itemsize: int, reduce_itemsize: int, gather_shards_from_host: bool,
+               grad_window: int = 3) -> ArenaPlan:
+    """Slot classes the engine's steady state needs (pure).
+
+    Gathered chunks (stage 3): the unit running, ``prefetch_units`` gathered ahead, and one more,
+    because backward may gather the next unit before the current one's post-backward reshards it;
+    so the most of each size over any ``prefetch_units + 2`` consecutive groups.  Gather shards
+    (parameters on the host, world > 1) live as long as their gather: the same windows.  Gradient
+    buffers: ``grad_window`` chunks (the engine keeps two reduce-scatters in flight while it
+    flattens the next).  Gradients the host optimizer has not yet taken (its backlog) are not
+    reserved: they grow the pool on the first step, in the same fixed sizes.
+    """
+    if world_size < 1 or prefetch_units < 0 or grad_window < 1:
+        raise ValueError(f"plan_arena: world_size={world_size}, prefetch_units={prefetch_units}, "
+                         f"grad_window={grad_window}")
+    classes: list[SlotClass] = []
+    if stage == 3:
+        n_groups = max((c.group for c in chunks), default=-1) + 1
+        gathered: list[list[int]] = [[] for _ in range(n_groups)]
+        shards: list[list[int]] = [[] for _ in range(n_groups)]
+        for c in chunks:
+            if not c.persistent:
+                gathered[c.group].append(c.padded_numel * compute_itemsize)
+                if gather_shards_from_host and world_size > 1:
+                    shards[c.group].append(c.shard_numel * compute_itemsize)
+        window = prefetch_units + 2
+        for kind, per_group, stream in ((SlotKind.GATHERED, gathered, "compute"),
+                                        (SlotKind.GATHER_SHARD, shards, "h2d")):
+            for nbytes, count in sorted(_max_in_windows(per_group, window).items()):
+                classes.append(SlotClass(kind, nbytes, count, stream))
+    if stage >= 1 and chunks:
+        # Backward reduces chunks in reverse order; any grad_window consecutive ones may be alive.
+        rev = [[c.padded_numel * reduce_itemsize] for c in reversed(chunks)]
+        for nbytes, count in sorted(_max_in_windows(rev, grad_window).items()):
+            classes.append(SlotClass(SlotKind.GRAD_FLAT, nbytes, count, "compute"))
+        if world_size > 1:
+            rev = [[c.shard_numel * reduce_itemsize] for c in reversed(chunks)]
+            for nbytes, count in sorted(_max_in_windows(rev, grad_window).items()):
+                classes.append(SlotClass(SlotKind.GRAD_SHARD, nbytes, count, "compute"))
+    return ArenaPlan(tuple(classes))
 
 
 @dataclass(frozen=True)
 class ArenaStats:
-    slots: int
-    classes: dict[int, int]  # slot bytes -> slot count
-    reserved_bytes: int  # what the arena took from torch's allocator, alignment slack included
-    in_use_slots: int
-    in_use_bytes: int  # capacity of IN_USE slots
-    requested_in_use_bytes: int  # what their holders asked for (difference: internal waste)
-    pending_slots: int
-    peak_in_use_slots: int
-    peak_in_use_bytes: int
-    acquires: int
-    stream_waits: int  # acquires that made a stream (or, on CPU, the host) wait on an event
+    planned_bytes: int          # what the plan asked for
+    reserved_at_setup: int      # what the pool held once reserved (allocator rounding included)
+    reserved_bytes: int         # what the pool holds now
+    active_bytes: int           # of which in use now
+    segments: int
+    device_fragmentation: int   # device-wide reserved - allocated, bytes (not just the arena)
+
+    @property
+    def growth_bytes(self) -> int:
+        """Bytes the pool took beyond its reservation (the host optimizer's gradient backlog, or a
+        schedule the plan did not foresee).  Flat after the first step is the arena's promise."""
+        return self.reserved_bytes - self.reserved_at_setup
 
 
-def _parse_slots(slot_bytes: Sequence[int] | tuple[int, int] | Mapping[int, int]) -> dict[int, int]:
-    """{rounded slot bytes: count} from [bytes, ...], (bytes, n_slots) or {bytes: n_slots}."""
-    if isinstance(slot_bytes, Mapping):
-        pairs = list(slot_bytes.items())
-    elif isinstance(slot_bytes, tuple):
-        if len(slot_bytes) != 2:
-            raise ValueError(f"a tuple means (slot_bytes, n_slots); got {slot_bytes!r} (pass a list of sizes)")
-        pairs = [slot_bytes]
-    else:
-        pairs = [(b, 1) for b in slot_bytes]
-    classes: dict[int, int] = {}
-    for b, n in pairs:
-        if int(b) <= 0 or int(n) <= 0:
-            raise ValueError(f"slot bytes and counts must be > 0, got {b} x {n}")
-        size = _round_up(int(b), ALIGN)
-        classes[size] = classes.get(size, 0) + int(n)
-    if not classes:
-        raise ValueError("an arena needs at least one slot")
-    return dict(sorted(classes.items()))
+def _new_pool() -> "torch.cuda.MemPool":
+    """A private pool whose blocks are never split; if an allocation outside it runs out of memory
+    torch may use its free blocks as a last resort.  Older torch lacks these options: the pool
+    still isolates the churn, which is what keeps fragmentation flat."""
+    for kwargs in ({"use_on_oom": True, "no_split": True}, {"use_on_oom": True}, {}):
+        try:
+            return torch.cuda.MemPool(**kwargs)
+        except TypeError:
+            continue
+    raise RuntimeError("unreachable")
 
 
 class ChunkArena:
-    """Fixed-size slots on ``device``: ``slot_bytes`` is a list of slot sizes, a
-    ``(slot_bytes, n_slots)`` tuple or a ``{slot_bytes: n_slots}`` mapping (bytes,
-    rounded up to 4 KiB).  Thread-safe."""
+    """The pool, reserved per ``plan`` on ``device``.  ``h2d_stream``: the engine's copy stream,
+    where gather-shard blocks are reserved (they are allocated there)."""
 
-    def __init__(self, slot_bytes: Sequence[int] | tuple[int, int] | Mapping[int, int],
-                 device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self._cuda = self.device.type == "cuda"
-        self._lock = threading.Lock()
-        self._classes = _parse_slots(slot_bytes)
-        self._bases: list[torch.Tensor] = []
-        self._by_class: dict[int, list[_Record]] = {}
-        self._records: list[_Record] = []
-        for size, count in self._classes.items():
-            # One allocation per class; +ALIGN slack so the first slot can start on a 4 KiB boundary
-            # (the caching allocator guarantees only 512 bytes, the CPU allocator 64).
-            base = torch.empty(size * count + ALIGN, dtype=torch.uint8, device=self.device)
-            skip = (-base.data_ptr()) % ALIGN
-            self._bases.append(base)
-            recs = [_Record(len(self._records) + i, size, base[skip + i * size: skip + (i + 1) * size])
-                    for i in range(count)]
-            self._records += recs
-            self._by_class[size] = recs
-        self._in_use_slots = self._in_use_bytes = self._requested = self._peak_bytes = self._peak_slots = 0
-        self._acquires = self._waits = self._seq = 0
-        self._closed = False
+    def __init__(self, plan: ArenaPlan, device: torch.device, h2d_stream: torch.cuda.Stream | None = None,
+                 rank: int = 0) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"ChunkArena is for CUDA devices (got {device}); CPU has no caching allocator")
+        self.plan, self.device, self.rank = plan, device, rank
+        with torch.cuda.device(device):  # a MemPool belongs to the device current at its creation
+            self.pool = _new_pool()
+            self._reserve(h2d_stream)
+        self.reserved_at_setup = self._pool_bytes()[0]
 
-    # -- acquire / release --------------------------------------------------------------------
-    def acquire(self, nbytes: int, *, stream: torch.cuda.Stream | None = None, tag: str = "",
-                spill: bool = False) -> Slot:
-        """A slot of the smallest class that holds ``nbytes`` (with ``spill``, larger classes too).
+    def _reserve(self, h2d_stream: torch.cuda.Stream | None) -> None:
+        """Allocate every planned block inside the pool, then free them: the pool keeps them as
+        cached blocks, tagged with the stream that will ask for them."""
+        held = []
+        try:
+            for cls in self.plan.classes:
+                stream = h2d_stream if cls.stream == "h2d" and h2d_stream is not None else \
+                    torch.cuda.current_stream(self.device)
+                with torch.cuda.stream(stream), self.scope():
+                    held += [torch.empty(cls.nbytes, dtype=torch.uint8, device=self.device)
+                             for _ in range(cls.count)]
+        except torch.OutOfMemoryError as exc:
+            free, total = torch.cuda.mem_get_info(self.device)
+            raise TierliftError(
+                f"the GPU chunk arena needs {self.plan.total_bytes / 2**30:.2f} GiB "
+                f"({self.plan.describe()}) and the GPU ran out at {len(held)} blocks "
+                f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free).", setting="zero.arena", value="pool", rank=self.rank,
+                fix="lower zero.prefetch_units (fewer gathered units alive), offload parameters "
+                    "(offload.param), or set zero.arena: shared to allocate on demand.") from exc
+        finally:
+            del held
+        torch.cuda.current_stream(self.device).synchronize()  # frees above are stream-ordered
 
-        May enqueue ``stream.wait_event`` (default: the current stream) -- see module doc."""
-        nbytes = int(nbytes)
-        if nbytes <= 0:
-            raise ValueError(f"acquire needs nbytes > 0, got {nbytes}")
-        fitting = [s for s in self._classes if s >= nbytes]
-        if not fitting:
-            raise ArenaExhaustedError(
-                f"no slot class holds {nbytes:,} bytes (classes: {self._class_text()}).",
-                setting="ChunkArena.slot_bytes", value=list(self._classes),
-                fix="size the arena's slots from the chunk layout's largest chunk / shard (bytes).")
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("ChunkArena is closed")
-            rec = None
-            for size in fitting if spill else fitting[:1]:
-                rec = self._pick(self._by_class[size])
-                if rec is not None:
-                    break
-            if rec is None:
-                busy = [r for s in (fitting if spill else fitting[:1]) for r in self._by_class[s]]
-                raise ArenaExhaustedError(
-                    f"all {len(busy)} slots of {fitting[0]:,} bytes{' or more' if spill else ''} are in use "
-                    f"(holders: {', '.join(r.tag or f'#{r.index}' for r in busy)}); request of "
-                    f"{nbytes:,} bytes{f' for {tag}' if tag else ''}.",
-                    setting="ChunkArena.slot_bytes", value=self._class_text(),
-                    fix="release a slot first (reshard the gathered chunk / finish its copy), lower the "
-                        "prefetch depth, or give the arena more slots of this class.")
-            event, waited = rec.event, False
-            if rec.state is SlotState.PENDING_EVENT and event is not None and not event.query():
-                waited = True
-                self._waits += 1
-            rec.move(SlotState.IN_USE)
-            rec.event, rec.lease, rec.tag, rec.nbytes = None, rec.lease + 1, tag, nbytes
-            self._acquires += 1
-            self._in_use_slots += 1
-            self._in_use_bytes += rec.capacity
-            self._requested += nbytes
-            self._peak_bytes = max(self._peak_bytes, self._in_use_bytes)
-            self._peak_slots = max(self._peak_slots, self._in_use_slots)
-            slot = Slot(rec, waited)
-        if waited:  # outside the lock: the host wait on CPU may take a while
-            if self._cuda:
-                (stream or torch.cuda.current_stream(self.device)).wait_event(event)
-            else:
-                event.synchronize()
-        return slot
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Route this thread's CUDA allocations into the arena while inside."""
+        with torch.cuda.use_mem_pool(self.pool, self.device):
+            yield
 
-    def _pick(self, recs: list[_Record]) -> _Record | None:
-        """FREE first, then a PENDING slot whose event is done, then the oldest PENDING one."""
-        pending = []
-        for r in recs:
-            if r.state is SlotState.FREE:
-                return r
-            if r.state is SlotState.PENDING_EVENT:
-                if r.event is None or r.event.query():
-                    r.move(SlotState.FREE)
-                    r.event = None
-                    return r
-                pending.append(r)
-        return min(pending, key=lambda r: r.seq, default=None)
+    def _pool_bytes(self) -> tuple[int, int, int]:
+        """(reserved, active, segments) of the pool, from the allocator's snapshot."""
+        try:
+            segs = self.pool.snapshot(include_traces=False)
+        except TypeError:  # torch without the include_traces argument
+            segs = self.pool.snapshot()
+        return (sum(s["total_size"] for s in segs), sum(s.get("active_size", s.get("allocated_size", 0))
+                                                          for s in segs), len(segs))
 
-    def release(self, slot: Slot, event: Event | None = None) -> None:
-        """Return a slot.  ``event``: recorded (by the caller) on the stream that last used the
-        slot, after that use; the slot is not reused before it completes.  Without an event the
-        caller guarantees no queued GPU work still touches the slot."""
-        with self._lock:
-            rec = self._record(slot)
-            self._in_use_slots -= 1
-            self._in_use_bytes -= rec.capacity
-            self._requested -= rec.nbytes
-            self._seq += 1
-            rec.seq = self._seq
-            if event is None:
-                rec.move(SlotState.FREE)
-            else:
-                rec.move(SlotState.PENDING_EVENT)
-                rec.event = event
-            rec.tag, rec.nbytes = "", 0
-
-    def _record(self, slot: Slot) -> _Record:
-        if not 0 <= slot.index < len(self._records):
-            raise SlotStateError(f"slot {slot.index} does not belong to this arena")
-        rec = self._records[slot.index]
-        if rec.data.data_ptr() != slot.tensor.data_ptr() or rec.lease != slot.lease or \
-                rec.state is not SlotState.IN_USE:
-            raise SlotStateError(f"slot {slot.index}: stale handle (lease {slot.lease}, current lease "
-                                 f"{rec.lease}, state {rec.state.name}) -- released twice?")
-        return rec
-
-    def state(self, slot: Slot | int) -> SlotState:
-        return self._records[slot if isinstance(slot, int) else slot.index].state
-
-    # -- accounting ----------------------------------------------------------------------------
     def stats(self) -> ArenaStats:
-        with self._lock:
-            states = [r.state for r in self._records]
-            return ArenaStats(len(self._records), dict(self._classes), sum(b.numel() for b in self._bases),
-                              states.count(SlotState.IN_USE), self._in_use_bytes, self._requested,
-                              states.count(SlotState.PENDING_EVENT), self._peak_slots, self._peak_bytes,
-                              self._acquires, self._waits)
+        reserved, active, segments = self._pool_bytes()
+        frag = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return ArenaStats(self.plan.total_bytes, self.reserved_at_setup, reserved, active, segments, frag)
 
-    def fragmentation(self) -> int:
-        """Bytes torch's caching allocator holds but has not handed out (reserved - allocated) on
-        this device; 0 on CPU, which has no caching allocator.  Process-wide, not just the arena."""
-        if not self._cuda:
-            return 0
-        return torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
-    def _class_text(self) -> str:
-        return ", ".join(f"{n} x {s:,} B" for s, n in self._classes.items())
-
-    def close(self) -> None:
-        """Drop the slots (memory returns to torch's allocator once no view is left).  Waits for
-        pending events first: the allocator does not know our events and might reuse the memory."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pending = [r.event for r in self._records if r.state is SlotState.PENDING_EVENT and r.event]
-            busy = sum(r.state is SlotState.IN_USE for r in self._records)
-            self._records, self._by_class, self._bases = [], {}, []
-        for ev in pending:
-            ev.synchronize()
-        if busy:
-            warnings.warn(f"ChunkArena closed with {busy} slots in use; their views keep the memory alive",
-                          ResourceWarning)
-
-    def __enter__(self) -> ChunkArena:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def arena_for(chunk_shapes: Sequence[ChunkShape], device: torch.device, *, mode: str, **plan_kwargs) \
+        -> ChunkArena | None:
+    """The engine's arena: ``mode`` "pool" on CUDA builds one; "shared" (torch's shared caching
+    allocator) or a CPU device gives None."""
+    if mode == "shared" or device.type != "cuda":
+        return None
+    h2d = plan_kwargs.pop("h2d_stream", None)
+    rank = plan_kwargs.pop("rank", 0)
+    return ChunkArena(plan_arena(chunk_shapes, **plan_kwargs), device, h2d, rank)

@@ -34,6 +34,10 @@ class ZeroConfig:
     sub_group_size: the optimizer steps at most this many elements at a time,
         which bounds its pinned staging memory (0 = one step per chunk shard);
         DeepSpeed's sub_group_size.
+    arena: where gathered chunks and gradient buffers are allocated on a GPU:
+        "pool" (default), a private pool reserved when the engine is built, so
+        their churn never fragments the memory activations use; "shared",
+        torch's caching allocator on demand (see ``offload/arena.py``).
     """
 
     stage: int = 3
@@ -45,9 +49,11 @@ class ZeroConfig:
     debug_sync: bool = False
     prefetch_bytes: int = 0
     sub_group_size: int = 0
+    arena: Literal["pool", "shared"] = "pool"
 
     def __post_init__(self) -> None:
         check_choice("zero.stage", self.stage, [1, 2, 3])
+        check_choice("zero.arena", self.arena, ["pool", "shared"])
         check(self.prefetch_units >= 0, "zero.prefetch_units", self.prefetch_units,
               "must be >= 0.", "use 0 to disable prefetch or a small number such as 2.")
         check(self.persistence_threshold >= 0, "zero.persistence_threshold", self.persistence_threshold,

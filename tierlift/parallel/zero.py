@@ -8,14 +8,10 @@ storage after a unit's forward (``untyped_storage().resize_(0)``) and refills it
 with an all-gather before the unit runs again; because the storage object is kept,
 every view autograd saved stays valid, so arbitrary models work unchanged.
 
-Sync points (GPU): all-gathers and reduce-scatters are issued async from the
-default stream, so NCCL's stream waits only for work enqueued before the issue
-(prefetches issued before a unit's compute overlap it); ``work.wait()`` makes the
-default stream wait, never the host.  With the optimizer on the host, a gather
-starts on the engine's H2D stream (this object owns it): the host master is
-copied in and cast there, then all-gathered from that stream; the chunk's
-``ready`` event makes the default stream wait.  On CPU (gloo) the same code runs
-with gloo's background threads.
+Sync points (GPU): reduce-scatters are issued async from the compute stream and
+waited for at most two behind; gathers and their streams are described in
+``gather.py``.  This object owns the H2D stream and the GPU chunk arena.  On CPU
+(gloo) the same code runs with gloo's background threads.
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import enum
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import torch
@@ -33,8 +28,9 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tierlift.parallel.chunks import Group, PostBackward, Residency, RuntimeChunk
-from tierlift.parallel.comm import all_gather_flat, reduce_scatter_flat
+from tierlift.parallel.comm import reduce_scatter_flat
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
+from tierlift.parallel.gather import GatherMixin
 from tierlift.parallel.layout import ChunkLayout, plan_chunks
 from tierlift.parallel.optim import LossScaler, ShardOptimizer, global_grad_norm
 from tierlift.parallel.zero_state import EngineStateMixin
@@ -57,7 +53,7 @@ class StepStats(dict):
     """grad_norm (pre-clip), skipped (fp16 overflow), loss_scale."""
 
 
-class ZeroEngine(EngineStateMixin):
+class ZeroEngine(GatherMixin, EngineStateMixin):
     """Shards ``model`` (already built identically on every rank) over the default group."""
 
     def __init__(self, model: nn.Module, zero: ZeroConfig, precision: PrecisionConfig, optim: OptimizerConfig,
@@ -151,6 +147,7 @@ class ZeroEngine(EngineStateMixin):
             for g in self.groups:
                 if not g.persistent:
                     self._reshard(g)
+        self.arena = self._make_arena()
         log.info("rank %d: %d chunks in %d groups, %.1f M params, %.1f M shard elems/rank, stage %d",
                  self.rank, len(self.chunks), len(self.groups), self.layout.total_numel / 1e6,
                  self.layout.shard_numel() / 1e6, zero.stage)
@@ -173,124 +170,6 @@ class ZeroEngine(EngineStateMixin):
             if chunks:
                 groups.append(Group(len(groups), n, modules[n], chunks))
         return groups
-
-    # -- residency -----------------------------------------------------------
-    def _issue_gather(self, g: Group | RuntimeChunk) -> None:
-        for c in getattr(g, "chunks", [g]):
-            if c.state is not Residency.SHARDED:
-                continue
-            c.transition(Residency.GATHERING)
-            c.full.untyped_storage().resize_(c.bytes)
-            if self._h2d is not None:
-                self._gather_from_host(c)
-                continue
-            shard = self._shard_for_gather(c)
-            if self.world_size == 1:
-                c.full.copy_(shard, non_blocking=True)
-                c.work = None
-            else:
-                c.work = all_gather_flat(c.full, shard, async_op=True)
-
-    def _shard_for_gather(self, c: RuntimeChunk) -> torch.Tensor:
-        """This rank's compute-dtype shard (no host optimizer, or a CPU device).  With
-        the optimizer on the host, wait for the chunk's step and cast its new
-        parameters (fp32 master or compute-dtype copy) into the shard."""
-        if self.host_opt is None:
-            return c.compute_shard
-        if c.compute_shard is None:  # parameters live on the host: a compute-dtype copy for this gather
-            out = self._wait_host_step(c).to(self.compute_dtype, copy=True)
-            self.host_opt.release_source(c.spec.index)
-            return out
-        if c.stale:
-            c.compute_shard.copy_(self._wait_host_step(c))
-            self.host_opt.release_source(c.spec.index)
-            c.stale = False
-        return c.compute_shard
-
-    def _gather_from_host(self, c: RuntimeChunk) -> None:
-        """GPU gather of a chunk whose parameters come from the host optimizer, on the
-        H2D stream: copy the host parameters in (fp32 master: 4 B/elem over PCIe, so
-        the host keeps no compute-dtype copy and the CPU casts nothing), cast on the
-        device, all-gather.  World size 1 casts straight into the gathered buffer."""
-        stream = self._h2d
-        # The gathered storage was just (re)allocated from the default stream's pool:
-        # kernels queued there may still use that memory.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            shard = c.compute_shard
-            if shard is None or c.stale:
-                src = self._wait_host_step(c)
-                if shard is None:
-                    shard = c.full if self.world_size == 1 else torch.empty(
-                        c.spec.shard_numel, dtype=self.compute_dtype, device=self.device)
-                    c.gather_tmp = None if shard is c.full else shard
-                shard.copy_(src.to(self.device, non_blocking=True))  # H2D, then the cast, both on this stream
-                copied = torch.cuda.Event()
-                copied.record(stream)
-                self.host_opt.release_source(c.spec.index, copied)  # a slot read from NVMe is reusable after it
-                c.stale = False
-            if self.world_size == 1:
-                if shard is not c.full:
-                    c.full.copy_(shard)
-                c.work = None
-            else:
-                c.work = all_gather_flat(c.full, shard, async_op=True)
-            c.ready = torch.cuda.Event()
-            c.ready.record(stream)
-
-    def _host_step_pending(self, g: Group) -> bool:
-        """A gather of ``g`` would wait for a host optimizer step still running."""
-        return self.host_opt is not None and any(
-            (c.compute_shard is None or c.stale) and not self.host_opt.is_stepped(c.spec.index) for c in g.chunks)
-
-    def _wait_host_step(self, c: RuntimeChunk) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = self.host_opt.wait_chunk(c.spec.index)
-        self.host_wait_s += time.perf_counter() - t0
-        return out
-
-    def take_stall_ms(self) -> float:
-        """Milliseconds the host waited for gathers in flight since the last call."""
-        ms, self.stall_s = self.stall_s * 1e3, 0.0
-        return ms
-
-    def take_host_wait_ms(self) -> float:
-        """Milliseconds the host waited for host optimizer steps since the last call."""
-        ms, self.host_wait_s = self.host_wait_s * 1e3, 0.0
-        return ms
-
-    def _wait_gathered(self, g: Group | RuntimeChunk) -> None:
-        self._issue_gather(g)
-        for c in getattr(g, "chunks", [g]):
-            if c.state is Residency.GATHERING:
-                if c.work is not None:
-                    t0 = time.perf_counter()
-                    c.work.wait()
-                    self.stall_s += time.perf_counter() - t0
-                    c.work = None
-                if c.ready is not None:  # copied in on the H2D stream
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(c.ready)
-                    c.ready = None
-                    if c.gather_tmp is not None:  # NCCL read it: reusable once this stream gets here
-                        c.gather_tmp.record_stream(current)
-                        c.gather_tmp = None
-                c.transition(Residency.GATHERED)
-                if self.cfg.debug_sync:
-                    self._check_gathered(c)
-
-    def _reshard(self, g: Group) -> None:
-        self._wait_gathered(g)  # an in-flight gather must land before its storage goes
-        for c in g.chunks:
-            if not c.spec.persistent:
-                c.transition(Residency.SHARDED)
-                c.full.untyped_storage().resize_(0)
-
-    def _is_sharded(self, g: Group) -> bool:
-        return any(c.state is Residency.SHARDED for c in g.chunks)
-
-    def _live_numel(self) -> int:
-        return sum(c.spec.padded_numel for c in self.chunks if c.state is not Residency.SHARDED)
 
     def _prefetch(self, order: list[int], pos: int) -> None:
         if self.cfg.stage != 3:
@@ -388,7 +267,8 @@ class ZeroEngine(EngineStateMixin):
     def _reduce_chunk(self, c: RuntimeChunk) -> None:
         """Flatten the chunk's parameter grads (zeros where a parameter got none)
         and reduce-scatter them into the fp32 shard grad, averaged over ranks."""
-        flat = torch.zeros(c.spec.padded_numel, dtype=self.reduce_dtype, device=self.device)
+        with self._alloc():
+            flat = torch.zeros(c.spec.padded_numel, dtype=self.reduce_dtype, device=self.device)
         for slot, p in zip(c.spec.params, c.params):
             if p.grad is not None:
                 flat[slot.offset:slot.end].copy_(p.grad.reshape(-1))
@@ -396,7 +276,8 @@ class ZeroEngine(EngineStateMixin):
         if self.world_size == 1:
             self._land(c, flat[: c.spec.shard_numel])
             return
-        out = torch.empty(c.spec.shard_numel, dtype=self.reduce_dtype, device=self.device)
+        with self._alloc():
+            out = torch.empty(c.spec.shard_numel, dtype=self.reduce_dtype, device=self.device)
         work = reduce_scatter_flat(out, flat, async_op=True)
         self._pending.append((c, work, out, flat))
         # At most two reductions in flight: bounded memory, still overlapped with backward.

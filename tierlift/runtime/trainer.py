@@ -56,6 +56,10 @@ class FitSummary:
     pinned_bytes: int = 0
     world_size: int = 1
     offload_busy_s: dict[str, float] = field(default_factory=dict)  # host optimizer worker time by phase
+    # GPU only, one per step, sampled at its end: device reserved - allocated (bytes), and what the
+    # chunk arena took beyond its reservation (bytes; flat after the first step is its promise).
+    gpu_frag_bytes: list[int] = field(default_factory=list)
+    arena_growth_bytes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,7 +168,11 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if self.engine.host_opt is not None:
                     self.memory.pinned_bytes = self.engine.host_opt.pinned_bytes
-                mem = self.memory.sample()
+                mem = {**self.memory.sample(), **self.engine.arena_stats()}
+                if "gpu_frag_bytes" in mem:
+                    summary.gpu_frag_bytes.append(int(mem["gpu_frag_bytes"]))
+                if "arena_growth_bytes" in mem:
+                    summary.arena_growth_bytes.append(int(mem["arena_growth_bytes"]))
                 tps = m["tokens"] / dt if dt > 0 else 0.0
                 summary.losses.append(m["loss"])
                 summary.step_times.append(dt)
