@@ -37,7 +37,9 @@ source benchmarks/setup_device.sh || { echo "setup failed"; exit 1; }
 echo "=== setup done at $(( SECONDS - T0 )) s"
 if has tests; then
     echo "=== stage tests ($(left) s left)"
-    timeout 150 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/ 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+    # --tb=short: no locals or arguments in failure reports (a tensor over freed memory would crash their repr)
+    timeout "${TESTS_S:-150}" python3 -m pytest -q -rs -m gpu --tb=short -p no:cacheprovider tests/ > "$OUT/gpu_tests.log" 2>&1
+    grep -E "^E |Fatal|FAILED|passed|failed|^tests/.*:[0-9]+: " "$OUT/gpu_tests.log" | head -40
 fi
 if has arena; then  # issue 4: the GPU chunk arena keeps reserved - allocated flat
     for off in ${ARENA_OFFLOAD:-none cpu}; do
@@ -45,7 +47,7 @@ if has arena; then  # issue 4: the GPU chunk arena keeps reserved - allocated fl
             systems=tierlift
             [ "$arena" = pool ] && systems="${ARENA_PEERS:-tierlift,deepspeed}"
             echo "=== stage arena: offload $off, arena $arena, $systems ($(left) s left)"
-            python3 benchmarks/bench_zero.py --gpus 1 --systems "$systems" --model l1b --steps 8 --warmup 3 \
+            python3 benchmarks/bench_zero.py --gpus 1 --systems "$systems" --model l1b --steps "${ARENA_STEPS:-20}" --warmup 3 \
                 --offload "$off" --timeout 150 --budget "$(( $(left) - 20 ))" --min-run-s 40 \
                 --tl-config "{\"zero\": {\"arena\": \"$arena\"}}" --out "$OUT/arena_${off}_${arena}.json" \
                 --logdir "/tmp/arena_logs/$off-$arena" 2>&1 | grep -E "^\[bench_zero\]" | head -6

@@ -64,6 +64,7 @@ def test_full_mapping_of_every_supported_key(tmp_path):
         "zero_optimization": {
             "stage": 3, "sub_group_size": 1e8, "stage3_prefetch_bucket_size": 1000,
             "stage3_max_live_parameters": 2e8, "stage3_param_persistence_threshold": 5000,
+            "stage3_max_reuse_distance": 1e9,
             "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 6,
                               "buffer_size": 1e6, "max_in_cpu": 1e7},
             # parameters on NVMe share the optimizer's extent file: both on NVMe, one path
@@ -82,6 +83,7 @@ def test_full_mapping_of_every_supported_key(tmp_path):
         ("cosine", 50, 500, 0.1, 0.05, "linear")
     z = c.zero
     assert (z.stage, z.sub_group_size, z.max_live_params, z.persistence_threshold) == (3, 10 ** 8, 2 * 10 ** 8, 5000)
+    assert z.max_reuse_distance == 10 ** 9
     assert z.prefetch_bytes == 1000 * 2  # elements x bf16 bytes
     p = c.offload.param
     assert isinstance(p, NVMeOffload)

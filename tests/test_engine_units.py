@@ -96,6 +96,43 @@ def test_stage3_reshards_after_forward_and_backward():
     assert any(float(c.grad.abs().sum()) > 0 for c in eng.chunks)
 
 
+def test_keep_for_backward_plan():
+    from tierlift.parallel.gather import keep_for_backward
+    assert keep_for_backward([10, 10, 10, 10], 0) == [False] * 4
+    # unit k waits for twice the elements after it: 60, 40, 20, 0
+    assert keep_for_backward([10, 10, 10, 10], 41) == [False, True, True, True]
+    assert keep_for_backward([10, 10, 10, 10], 40) == [False, False, True, True]
+    assert keep_for_backward([10, 10, 10, 10], 10 ** 9) == [True] * 4
+    with pytest.raises(ConfigError, match="zero.max_reuse_distance"):
+        ZeroConfig(max_reuse_distance=-1)
+
+
+@pytest.mark.parametrize("distance, kept", [(10 ** 9, 3), (1, 1), (0, 0)])
+def test_units_stay_gathered_for_backward_within_reuse_distance(distance, kept):
+    model = Net()
+    ref = copy.deepcopy(model)
+    eng, ref_eng = _engine(model, stage=3, max_reuse_distance=distance), _engine(ref, stage=3)
+    for step in range(3):
+        x, y = _batch(step)
+        losses = []
+        for e, m in ((eng, model), (ref_eng, ref)):
+            e.forward_begin()
+            loss = m(x, y, route=1)
+            gathered = sum(not e._is_sharded(g) for g in e.groups)
+            if e is eng:  # the order is known from step 2 on: the last units stay gathered
+                assert gathered == (kept if step else 0)
+            e.backward(loss)
+            assert all(e._is_sharded(g) for g in e.groups)  # every unit resharded after its backward
+            e.step(1e-2)
+            losses.append(float(loss.detach()))
+        assert losses[0] == losses[1]  # same numbers as resharding after every forward
+    with torch.no_grad():  # no backward follows: nothing is kept
+        eng.forward_begin()
+        model(*_batch(9))
+        eng.forward_end_eval()
+    assert all(eng._is_sharded(g) for g in eng.groups)
+
+
 def test_aliases_and_full_state_dict_names():
     model = Net()
     ref = copy.deepcopy(model).state_dict()

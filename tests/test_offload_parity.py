@@ -59,9 +59,11 @@ def _train(tmp, jobs, world):
     out = {}
     for name, clip, stage, accum in jobs:
         model = build_model(ModelConfig(**MODEL), seed=5)
-        eng = ZeroEngine(model, ZeroConfig(stage=stage), PrecisionConfig(),
+        # "_reuse": units stay gathered from forward to backward (every one: the distance is huge)
+        base, reuse = name.removesuffix("_reuse"), name.endswith("_reuse")
+        eng = ZeroEngine(model, ZeroConfig(stage=stage, max_reuse_distance=10**9 if reuse else 0), PrecisionConfig(),
                          OptimizerConfig(lr=3e-3, grad_clip=clip), torch.device("cpu"),
-                         offload=_policies(tmp, f"{name}-{clip}-{stage}")[name])
+                         offload=_policies(tmp, f"{name}-{clip}-{stage}")[base])
         losses = []
         for micro in _batches(rank, world, accum):
             eng.begin_step(3e-3)
@@ -74,7 +76,7 @@ def _train(tmp, jobs, world):
             eng.step(3e-3)
             dist.all_reduce(tot)
             losses.append(float(tot) / (world * accum))
-        if name == "nvme_params":  # the gathers really read parameters from NVMe, nothing kept on the host
+        if base == "nvme_params":  # the gathers really read parameters from NVMe, nothing kept on the host
             opt = eng.host_opt
             assert all(hc.param16 is None for hc in opt.chunks)
             opt.wait_all()  # deferred steps still read state in the background: count only the gathers' reads
@@ -86,6 +88,13 @@ def _train(tmp, jobs, world):
             units = [i for i in range(len(opt.chunks)) if i != eng.root.spec.index]  # the root stays gathered
             got, want = opt.nvme.file.stats().reads - reads, sum(len(opt.nvme.pieces[i]) for i in units)
             assert got == want, (got, want, [len(p) for p in opt.nvme.pieces], eng.root.spec.index)
+            # A training micro-batch: backward gathers every unit again -- from NVMe, unless it
+            # stayed gathered since its forward (max_reuse_distance).
+            reads = opt.nvme.file.stats().reads
+            eng.forward_begin()
+            eng.backward(model(**micro[0]).loss, sync_grads=False)
+            got = opt.nvme.file.stats().reads - reads
+            assert got == (want if reuse else 2 * want), (name, got, want)
         out[(name, clip, stage, accum)] = (losses, eng.full_state_dict())
         eng.close()
     return out
@@ -95,12 +104,14 @@ def _train(tmp, jobs, world):
 def test_offload_tiers_match_no_offload(tmp_path):
     jobs = [(name, clip, stage, accum) for name in ("none", "cpu", "nvme", "mixed")
             for clip, stage, accum in ((0.0, 3, 1), (0.05, 3, 2), (0.05, 2, 1))]
-    jobs += [("nvme_params", clip, 3, accum) for clip, accum in ((0.0, 1), (0.05, 2))]  # parameters: stage 3
+    jobs += [(name, clip, 3, accum) for name in ("nvme_params", "nvme_params_reuse")  # parameters: stage 3
+             for clip, accum in ((0.0, 1), (0.05, 2))]
+    jobs += [("none_reuse", 0.05, 3, 2), ("cpu_reuse", 0.0, 3, 1)]
     got = run_ranks(_train, 2, str(tmp_path), jobs, 2)
     for name, clip, stage, accum in jobs:
         if name == "none":
             continue
-        ref_losses, ref_params = got[("none", clip, stage, accum)]
+        ref_losses, ref_params = got[("none", clip, stage, accum)]  # resharded after every forward
         losses, params = got[(name, clip, stage, accum)]
         for s, (a, b) in enumerate(zip(losses, ref_losses)):
             assert abs(a - b) <= 1e-6 * abs(b), f"{name} clip={clip} stage={stage} step {s}: {a} vs {b}"

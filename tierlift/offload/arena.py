@@ -139,7 +139,8 @@ def plan_arena(chunks: Sequence[ChunkShape], *, world_size: int, stage: int, pre
 @dataclass(frozen=True)
 class ArenaStats:
     planned_bytes: int          # what the plan asked for
-    reserved_at_setup: int      # what the pool held once reserved (allocator rounding included)
+    reserved_at_setup: int      # what the pool held once reserved (allocator rounding included;
+                                # and blocks an earlier engine of this process left in it)
     reserved_bytes: int         # what the pool holds now
     active_bytes: int           # of which in use now
     segments: int
@@ -152,16 +153,29 @@ class ArenaStats:
         return self.reserved_bytes - self.reserved_at_setup
 
 
-def _new_pool() -> "torch.cuda.MemPool":
-    """A private pool whose blocks are never split; if an allocation outside it runs out of memory
-    torch may use its free blocks as a last resort.  Older torch lacks these options: the pool
-    still isolates the churn, which is what keeps fragmentation flat."""
-    for kwargs in ({"use_on_oom": True, "no_split": True}, {"use_on_oom": True}, {}):
-        try:
-            return torch.cuda.MemPool(**kwargs)
-        except TypeError:
-            continue
-    raise RuntimeError("unreachable")
+_POOLS: dict[int, "torch.cuda.MemPool"] = {}  # device index -> this process's arena pool
+
+
+def _pool_for(device: torch.device) -> "torch.cuda.MemPool":
+    """This process's arena pool on ``device``, created once and never destroyed.
+
+    Why never: the model's parameters are views of chunk storages allocated in the pool, and
+    they outlive the engine (a user keeps the model; a test builds several engines).  torch
+    aborts the process if a MemPool is destroyed while blocks in it are still allocated.  A
+    later engine on the same device reuses the pool and its free blocks.
+
+    The pool's blocks are never split, and an allocation outside it that runs out of memory
+    may use its free blocks as a last resort, where torch offers those options."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _POOLS:
+        with torch.cuda.device(index):  # a MemPool belongs to the device current at its creation
+            for kwargs in ({"use_on_oom": True, "no_split": True}, {"use_on_oom": True}, {}):
+                try:
+                    _POOLS[index] = torch.cuda.MemPool(**kwargs)
+                    break
+                except TypeError:
+                    continue
+    return _POOLS[index]
 
 
 class ChunkArena:
@@ -173,9 +187,8 @@ class ChunkArena:
         if device.type != "cuda":
             raise ValueError(f"ChunkArena is for CUDA devices (got {device}); CPU has no caching allocator")
         self.plan, self.device, self.rank = plan, device, rank
-        with torch.cuda.device(device):  # a MemPool belongs to the device current at its creation
-            self.pool = _new_pool()
-            self._reserve(h2d_stream)
+        self.pool = _pool_for(device)
+        self._reserve(h2d_stream)
         self.reserved_at_setup = self._pool_bytes()[0]
 
     def _reserve(self, h2d_stream: torch.cuda.Stream | None) -> None:

@@ -34,10 +34,18 @@ class ZeroConfig:
     sub_group_size: the optimizer steps at most this many elements at a time,
         which bounds its pinned staging memory (0 = one step per chunk shard);
         DeepSpeed's sub_group_size.
+    max_reuse_distance: after a unit's forward, keep it gathered for its backward
+        when fewer than this many parameter elements are gathered in between
+        (the later units, forward and backward: twice their size); 0 = always
+        reshard.  Saves the backward's gather -- with parameters on NVMe, a disk
+        read -- at the price of GPU memory.  DeepSpeed's stage3_max_reuse_distance
+        (its default: 1e9).
     arena: where gathered chunks and gradient buffers are allocated on a GPU:
-        "pool" (default), a private pool reserved when the engine is built, so
-        their churn never fragments the memory activations use; "shared",
-        torch's caching allocator on demand (see ``offload/arena.py``).
+        "shared" (default), torch's caching allocator on demand; "pool", a private
+        pool reserved when the engine is built, so their churn never meets the
+        memory activations use (``offload/arena.py``).  Measured on L1B, the pool
+        costs 1.4-1.7 GiB more peak reserved memory and the shared allocator's
+        reserved - allocated levels off within a few steps: docs/zero.md.
     """
 
     stage: int = 3
@@ -49,11 +57,15 @@ class ZeroConfig:
     debug_sync: bool = False
     prefetch_bytes: int = 0
     sub_group_size: int = 0
-    arena: Literal["pool", "shared"] = "pool"
+    max_reuse_distance: int = 0
+    arena: Literal["shared", "pool"] = "shared"
 
     def __post_init__(self) -> None:
         check_choice("zero.stage", self.stage, [1, 2, 3])
-        check_choice("zero.arena", self.arena, ["pool", "shared"])
+        check_choice("zero.arena", self.arena, ["shared", "pool"])
+        check(isinstance(self.max_reuse_distance, int) and self.max_reuse_distance >= 0, "zero.max_reuse_distance",
+              self.max_reuse_distance, "must be an integer >= 0 (elements).",
+              "use 0 to reshard every unit after its forward, or e.g. 1000000000 (DeepSpeed's default).")
         check(self.prefetch_units >= 0, "zero.prefetch_units", self.prefetch_units,
               "must be >= 0.", "use 0 to disable prefetch or a small number such as 2.")
         check(self.persistence_threshold >= 0, "zero.persistence_threshold", self.persistence_threshold,

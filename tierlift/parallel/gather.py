@@ -26,9 +26,22 @@ import torch
 from tierlift.parallel.chunks import Group, Residency, RuntimeChunk
 from tierlift.parallel.comm import all_gather_flat
 
-__all__ = ["GatherMixin"]
+__all__ = ["GatherMixin", "keep_for_backward"]
 
 log = logging.getLogger("tierlift.zero")
+
+
+def keep_for_backward(numels: list[int], max_reuse_distance: int) -> list[bool]:
+    """For units in forward order with ``numels`` elements each: which stay gathered from their
+    forward to their backward (pure).  Between the two, every later unit is gathered in forward
+    and again in backward, so unit k's reuse distance is twice the elements after it; it is kept
+    when that is below ``max_reuse_distance``.  The last units, whose backward comes first, are
+    the ones kept."""
+    keep, after = [False] * len(numels), 0
+    for k in range(len(numels) - 1, -1, -1):
+        keep[k] = max_reuse_distance > 0 and 2 * after < max_reuse_distance
+        after += numels[k]
+    return keep
 
 
 class GatherMixin:

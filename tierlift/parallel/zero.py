@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tierlift.parallel.chunks import Group, PostBackward, Residency, RuntimeChunk
 from tierlift.parallel.comm import reduce_scatter_flat
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
-from tierlift.parallel.gather import GatherMixin
+from tierlift.parallel.gather import GatherMixin, keep_for_backward
 from tierlift.parallel.layout import ChunkLayout, plan_chunks
 from tierlift.parallel.optim import LossScaler, ShardOptimizer, global_grad_norm
 from tierlift.parallel.zero_state import EngineStateMixin
@@ -124,6 +124,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         self._fwd_order: list[int] = []  # group order recorded on the previous micro-batch
         self._cur_order: list[int] = []
         self._bwd_order: list[int] = []
+        self._keep: set[int] = set()  # groups that stay gathered from forward to backward (max_reuse_distance)
         self._pending: list[tuple[RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
         self.order_changes = 0
         # Host seconds spent blocked on gathers still in flight (gloo; NCCL waits on the
@@ -234,7 +235,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
 
             for t in tensors:
                 t.register_hook(pre_backward)
-        if self.cfg.stage == 3 and not g.persistent:
+        if self.cfg.stage == 3 and not g.persistent and not (torch.is_grad_enabled() and g.index in self._keep):
             self._reshard(g)
         return None
 
@@ -320,6 +321,9 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
                 log.info("rank %d: unit execution order changed (%d -> %d units); re-recorded for prefetch",
                          self.rank, len(self._fwd_order), len(self._cur_order))
             self._fwd_order = list(self._cur_order)
+            if self.cfg.max_reuse_distance:
+                keep = keep_for_backward([self.groups[i].numel for i in self._fwd_order], self.cfg.max_reuse_distance)
+                self._keep = {i for i, k in zip(self._fwd_order, keep) if k}
         self._bwd_order = list(reversed(self._cur_order))
         if self.host_opt is not None:  # waiting gradients step in the next forward's order
             self.host_opt.set_step_order(self._step_order())
@@ -358,8 +362,12 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
             self.host_opt.begin_step(lr)
 
     def forward_end_eval(self) -> None:
-        """After a no-grad forward (evaluation)."""
+        """After a forward no backward follows (evaluation)."""
         self.phase = Phase.IDLE
+        if self.cfg.stage == 3:  # units kept for a backward (max_reuse_distance) that will not come
+            for g in self.groups:
+                if not g.persistent and not self._is_sharded(g):
+                    self._reshard(g)
 
     @torch.no_grad()
     def step(self, lr: float) -> StepStats:
@@ -431,6 +439,10 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         (stages 1–2, the root, persistent chunks).  Stage-3 units gather lazily."""
         keep = [c for c in self.chunks
                 if self.cfg.stage < 3 or c.spec.persistent or c is self.root]
+        if self.cfg.stage == 3:  # a unit kept for a backward that never came (max_reuse_distance) is stale now
+            for g in self.groups:
+                if not g.persistent and not self._is_sharded(g):
+                    self._reshard(g)
         if self.host_opt is None:
             for c in self.chunks:
                 if c.compute_shard is not c.master:

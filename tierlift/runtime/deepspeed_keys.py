@@ -62,7 +62,7 @@ TOP_UNSUPPORTED = {
 # -- zero_optimization ------------------------------------------------------
 ZERO_MAPPED = frozenset({
     "stage", "offload_param", "offload_optimizer", "sub_group_size", "stage3_prefetch_bucket_size",
-    "stage3_max_live_parameters", "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters", "stage3_param_persistence_threshold", "stage3_max_reuse_distance",
 })
 
 _COMM = ("tierlift reduces and gathers whole chunks, overlapped with compute, so DeepSpeed's "
@@ -76,7 +76,6 @@ ZERO_NO_EFFECT = {
     "allgather_partitions": _COMM,
     "use_multi_rank_bucket_allreduce": _COMM,
     "round_robin_gradients": _COMM,
-    "stage3_max_reuse_distance": "tierlift re-gathers by its plan (zero.prefetch_units), not by reuse distance",
     "stage3_model_persistence_threshold": "tierlift's persistence is per chunk (zero.persistence_threshold)",
     "memory_efficient_linear": "tierlift gathers parameters per wrap unit, not per linear layer",
     "stage3_gather_16bit_weights_on_model_save": "tierlift exports full weights with its safetensors export",

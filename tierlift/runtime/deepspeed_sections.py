@@ -297,7 +297,8 @@ def map_zero(w: Walk, zero: Any, aio: dict | None, compute: str) -> None:
     w.put("zero.stage", stage, "zero_optimization.stage")
     for ds_key, tl_key in (("sub_group_size", "sub_group_size"),
                            ("stage3_max_live_parameters", "max_live_params"),
-                           ("stage3_param_persistence_threshold", "persistence_threshold")):
+                           ("stage3_param_persistence_threshold", "persistence_threshold"),
+                           ("stage3_max_reuse_distance", "max_reuse_distance")):
         if ds_key in z:
             w.put(f"zero.{tl_key}", z[ds_key], f"zero_optimization.{ds_key}")
     if "stage3_prefetch_bucket_size" in z:

@@ -160,6 +160,9 @@ class Trainer:
                 self._sync()
                 t0 = time.perf_counter()
                 m = self.train_step()
+                # Memory facts at the same point of every step, before the last step's drain
+                # of the host optimizer (which frees the gradient backlog at once).
+                arena = self.engine.arena_stats()
                 if self.step >= total and self.engine.host_opt is not None:
                     # Host steps run on behind the next forward; the last step has no next
                     # forward, so its timing includes them (none escape the measurement).
@@ -168,7 +171,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if self.engine.host_opt is not None:
                     self.memory.pinned_bytes = self.engine.host_opt.pinned_bytes
-                mem = {**self.memory.sample(), **self.engine.arena_stats()}
+                mem = {**self.memory.sample(), **arena}
                 if "gpu_frag_bytes" in mem:
                     summary.gpu_frag_bytes.append(int(mem["gpu_frag_bytes"]))
                 if "arena_growth_bytes" in mem:
