@@ -6,8 +6,9 @@ Reads ``arena_<offload>_<arena>.json`` (bench_zero.py runs of L1B in one session
 tierlift with ``zero.arena: pool`` and with ``shared``, peers where they ran).  For
 each run: reserved - allocated after every step (the Trainer's ``gpu_frag_bytes``,
 the harness's for the peers), the arena's growth beyond its reservation, the step
-time and peak GPU memory.  "Grows" compares the last step's fragmentation with the
-largest of the first two steps (warm-up); the arena's promise is that it does not.
+time and peak GPU memory.  "Grows" asks whether any step after the run's warm-up
+steps (bench_zero's --warmup, the steps its timing excludes too) ends with more
+fragmentation than the largest of the warm-up steps did.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ import _bench_common as bc  # noqa: E402
 MiB = 2 ** 20
 
 
-def _row(r: dict, offload: str, arena: str) -> dict:
+def _row(r: dict, offload: str, arena: str, warmup: int) -> dict:
     summary = r.get("tierlift_summary") or {}
     frag = summary.get("gpu_frag_bytes") or r.get("gpu_frag_bytes") or []
     growth = summary.get("arena_growth_bytes") or []
-    warm = max(frag[:2]) if frag else None
+    w = max(1, warmup)
+    warm = max(frag[:w]) if frag else None
     return {"offload": offload, "arena": arena if r["system"] == "tierlift" else "–", "system": r["system"],
             "status": r.get("status"), "step_s": r.get("step_s"), "peak_alloc_gib": r.get("peak_gpu_alloc_gib"),
             "peak_reserved_gib": r.get("peak_gpu_reserved_gib"), "frag_mib": [f / MiB for f in frag],
             "frag_warm_mib": warm / MiB if warm is not None else None,
             "frag_last_mib": frag[-1] / MiB if frag else None,
-            "frag_max_after_warm_mib": max(frag[2:]) / MiB if len(frag) > 2 else None,
-            "grows": (max(frag[2:]) > warm) if len(frag) > 2 else None,
-            "growth_after_step1_mib": (growth[-1] - growth[0]) / MiB if growth else None,
+            "frag_max_after_warm_mib": max(frag[w:]) / MiB if len(frag) > w else None,
+            "grows": (max(frag[w:]) > warm) if len(frag) > w else None,
+            "growth_after_warm_mib": (max(growth[w:]) - max(growth[:w])) / MiB if len(growth) > w else None,
             "growth_mib": [g / MiB for g in growth], "losses": r.get("losses")}
 
 
@@ -50,17 +52,19 @@ def main(out: str) -> int:
             doc = json.load(open(path, encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        rows += [_row(r, m.group(1), m.group(2)) for r in doc.get("runs", [])]
+        warmup = int((doc.get("params") or {}).get("warmup", 2))
+        rows += [_row(r, m.group(1), m.group(2), warmup) for r in doc.get("runs", [])]
     lines = ["# GPU chunk arena: fragmentation over an L1B run, one session", "",
-             "reserved - allocated (MiB) after each step; warm = the larger of steps 1-2.", "",
+             "reserved - allocated (MiB) at the end of each step (before the last step's host-optimizer drain); "
+             "warm = the largest over the warm-up steps.", "",
              "| offload | system | arena | status | step s | peak alloc GiB | peak reserved GiB | frag warm MiB | "
-             "frag max after warm-up MiB | frag last MiB | grows | arena growth after step 1 MiB |",
+             "frag max after warm-up MiB | frag last MiB | grows | arena growth after warm-up MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['offload']} | {r['system']} | {r['arena']} | {r['status']} | {bc.fmt(r['step_s'], 3)} | "
                      f"{bc.fmt(r['peak_alloc_gib'], 2)} | {bc.fmt(r['peak_reserved_gib'], 2)} | "
                      f"{bc.fmt(r['frag_warm_mib'], 1)} | {bc.fmt(r['frag_max_after_warm_mib'], 1)} | "
-                     f"{bc.fmt(r['frag_last_mib'], 1)} | {r['grows']} | {bc.fmt(r['growth_after_step1_mib'], 1)} |")
+                     f"{bc.fmt(r['frag_last_mib'], 1)} | {r['grows']} | {bc.fmt(r['growth_after_warm_mib'], 1)} |")
     lines += ["", "Per-step series (MiB):", ""]
     for r in rows:
         lines.append(f"- {r['offload']} {r['system']} {r['arena']}: frag {[round(x, 1) for x in r['frag_mib']]}"

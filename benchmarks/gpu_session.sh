@@ -12,6 +12,7 @@
 #   phases  benchmarks/bench_offload_phases.py -> $OUT/offload_phases.json
 #   pinned  benchmarks/bench_pinned.py -> $OUT/pinned.json
 #   plan    tierlift doctor --calibrate, then tierlift plan of benchmarks/configs/l1b-offload-*.yaml
+#   engine  NVMe engine vs DeepSpeed aio alone, ENGINE_REPEATS (5) alternating repeats -> $OUT/nvme_engine.json
 #   nvme    NVMe engine vs DeepSpeed aio; L1B with the optimizer on NVMe vs ZeRO-Infinity; L1B with
 #           the planner's placement under PLAN_HOST_BUDGET (30GiB); report -> $OUT/nvme_l1b.md
 #   largest issue 4's largest model under 16 GiB GPU / 24 GiB host (cgroup) caps, ZeRO-Infinity vs
@@ -87,6 +88,12 @@ for tag in ("cpu", "nvme", "nvme_budget"):
     except Exception as exc:
         print(f"plan {tag}: {exc}")
 PY
+fi
+if has engine; then  # issue 4's micro-benchmark with repeats: the systems alternate which goes first
+    echo "=== stage engine: NVMe engine vs DeepSpeed aio, ${ENGINE_REPEATS:-5} repeats ($(left) s left)"
+    timeout 240 python3 benchmarks/bench_nvme.py --dir /tmp/tl-nvme-bench --size-gib 4 --block-sizes 8 \
+        --threads "${NVME_THREADS:-8}" --repeats "${ENGINE_REPEATS:-5}" --budget 220 --out "$OUT/nvme_engine.json" 2>&1 | tail -14
+    rm -rf /tmp/tl-nvme-bench
 fi
 if has nvme; then  # issue 4 (NVMe L1B vs ZeRO-Infinity) and 5 (planned placement), one H100 session
     echo "=== stage nvme: engine vs DeepSpeed aio on this disk ($(left) s left)"
