@@ -133,6 +133,19 @@ def test_units_stay_gathered_for_backward_within_reuse_distance(distance, kept):
     assert all(eng._is_sharded(g) for g in eng.groups)
 
 
+def test_reuse_distance_defaults_on_with_parameters_on_nvme(tmp_path):
+    from tierlift.offload.policy import NVMeOffload, OffloadConfig
+    assert _engine(Net(), stage=3).reuse_distance == 0
+    assert _engine(Net(), stage=3, max_reuse_distance=5).reuse_distance == 5
+    nvme = NVMeOffload(path=str(tmp_path))
+    eng = ZeroEngine(Net(), ZeroConfig(stage=3), PrecisionConfig(), OptimizerConfig(lr=1e-2), torch.device("cpu"),
+                     offload=OffloadConfig(optimizer=nvme, param=NVMeOffload(path=str(tmp_path))))
+    try:
+        assert eng.reuse_distance == 10 ** 9  # DeepSpeed's default: a second read would cost disk time
+    finally:
+        eng.close()
+
+
 def test_aliases_and_full_state_dict_names():
     model = Net()
     ref = copy.deepcopy(model).state_dict()

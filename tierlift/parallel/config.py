@@ -39,7 +39,8 @@ class ZeroConfig:
         (the later units, forward and backward: twice their size); 0 = always
         reshard.  Saves the backward's gather -- with parameters on NVMe, a disk
         read -- at the price of GPU memory.  DeepSpeed's stage3_max_reuse_distance
-        (its default: 1e9).
+        (its default: 1e9).  Unset (None): 1e9 with parameters on NVMe, where a
+        second read costs disk time, else 0.
     arena: where gathered chunks and gradient buffers are allocated on a GPU:
         "shared" (default), torch's caching allocator on demand; "pool", a private
         pool reserved when the engine is built, so their churn never meets the
@@ -57,14 +58,14 @@ class ZeroConfig:
     debug_sync: bool = False
     prefetch_bytes: int = 0
     sub_group_size: int = 0
-    max_reuse_distance: int = 0
+    max_reuse_distance: int | None = None
     arena: Literal["shared", "pool"] = "shared"
 
     def __post_init__(self) -> None:
         check_choice("zero.stage", self.stage, [1, 2, 3])
         check_choice("zero.arena", self.arena, ["shared", "pool"])
-        check(isinstance(self.max_reuse_distance, int) and self.max_reuse_distance >= 0, "zero.max_reuse_distance",
-              self.max_reuse_distance, "must be an integer >= 0 (elements).",
+        check(self.max_reuse_distance is None or self.max_reuse_distance >= 0, "zero.max_reuse_distance",
+              self.max_reuse_distance, "must be an integer >= 0 (elements), or unset.",
               "use 0 to reshard every unit after its forward, or e.g. 1000000000 (DeepSpeed's default).")
         check(self.prefetch_units >= 0, "zero.prefetch_units", self.prefetch_units,
               "must be >= 0.", "use 0 to disable prefetch or a small number such as 2.")

@@ -125,6 +125,8 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         self._cur_order: list[int] = []
         self._bwd_order: list[int] = []
         self._keep: set[int] = set()  # groups that stay gathered from forward to backward (max_reuse_distance)
+        self.reuse_distance = zero.max_reuse_distance if zero.max_reuse_distance is not None else \
+            (10 ** 9 if isinstance(self.offload.param, NVMeOffload) else 0)  # elements; see ZeroConfig
         self._pending: list[tuple[RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
         self.order_changes = 0
         # Host seconds spent blocked on gathers still in flight (gloo; NCCL waits on the
@@ -321,8 +323,8 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
                 log.info("rank %d: unit execution order changed (%d -> %d units); re-recorded for prefetch",
                          self.rank, len(self._fwd_order), len(self._cur_order))
             self._fwd_order = list(self._cur_order)
-            if self.cfg.max_reuse_distance:
-                keep = keep_for_backward([self.groups[i].numel for i in self._fwd_order], self.cfg.max_reuse_distance)
+            if self.reuse_distance:
+                keep = keep_for_backward([self.groups[i].numel for i in self._fwd_order], self.reuse_distance)
                 self._keep = {i for i, k in zip(self._fwd_order, keep) if k}
         self._bwd_order = list(reversed(self._cur_order))
         if self.host_opt is not None:  # waiting gradients step in the next forward's order
