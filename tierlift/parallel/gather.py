@@ -199,6 +199,12 @@ class GatherMixin:
                 c.transition(Residency.SHARDED)
                 c.full.untyped_storage().resize_(0)
 
+    def _reshard_gathered(self, keep: set[int] = frozenset()) -> None:
+        """Reshard every non-persistent group still gathered, but those in ``keep`` (stage 3)."""
+        for g in self.groups:
+            if g.index not in keep and not g.persistent and not self._is_sharded(g):
+                self._reshard(g)
+
     def _is_sharded(self, g: Group) -> bool:
         return any(c.state is Residency.SHARDED for c in g.chunks)
 

@@ -330,10 +330,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         if self.host_opt is not None:  # waiting gradients step in the next forward's order
             self.host_opt.set_step_order(self._step_order())
         if self.cfg.stage == 3:  # prefetched for a path not taken: release
-            ran = set(self._cur_order)
-            for g in self.groups:
-                if g.index not in ran and not g.persistent and not self._is_sharded(g):
-                    self._reshard(g)
+            self._reshard_gathered(keep=set(self._cur_order))
             if self.host_opt is not None:
                 self.host_opt.drop_prefetched()
         self.phase = Phase.BACKWARD
@@ -367,9 +364,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         """After a forward no backward follows (evaluation)."""
         self.phase = Phase.IDLE
         if self.cfg.stage == 3:  # units kept for a backward (max_reuse_distance) that will not come
-            for g in self.groups:
-                if not g.persistent and not self._is_sharded(g):
-                    self._reshard(g)
+            self._reshard_gathered()
 
     @torch.no_grad()
     def step(self, lr: float) -> StepStats:
@@ -442,9 +437,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         keep = [c for c in self.chunks
                 if self.cfg.stage < 3 or c.spec.persistent or c is self.root]
         if self.cfg.stage == 3:  # a unit kept for a backward that never came (max_reuse_distance) is stale now
-            for g in self.groups:
-                if not g.persistent and not self._is_sharded(g):
-                    self._reshard(g)
+            self._reshard_gathered()
         if self.host_opt is None:
             for c in self.chunks:
                 if c.compute_shard is not c.master:
