@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tierlift.errors import ConfigError
-from tierlift.offload.arena import ChunkShape, SlotKind, arena_for, plan_arena
+from tierlift.offload.arena import ChunkArena, ChunkShape, SlotKind, plan_arena
 from tierlift.parallel.config import ZeroConfig
 
 MiB = 1 << 20
@@ -82,11 +82,18 @@ def test_bad_plan_arguments_and_empty_models():
                       gather_shards_from_host=False).classes == ()
 
 
-def test_no_arena_on_cpu_or_when_shared():
-    kw = dict(world_size=1, stage=3, prefetch_units=2, compute_itemsize=2, reduce_itemsize=4,
-              gather_shards_from_host=False)
-    assert arena_for(_layer_chunks(2), torch.device("cpu"), mode="pool", **kw) is None
-    assert arena_for(_layer_chunks(2), torch.device("cuda", 0), mode="shared", **kw) is None
+def test_no_arena_on_cpu():
+    from tierlift.parallel.config import OptimizerConfig, PrecisionConfig
+    from tierlift.parallel.zero import ZeroEngine
+    from tierlift.models import build_model
+    from tierlift.models.config import ModelConfig
+    with pytest.raises(ValueError, match="CUDA"):
+        ChunkArena(plan_arena(_layer_chunks(2), world_size=1, stage=3, prefetch_units=2, compute_itemsize=2,
+                              reduce_itemsize=4, gather_shards_from_host=False), torch.device("cpu"))
+    model = build_model(ModelConfig(kind="gpt", vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                    max_seq_len=16), seed=1)
+    eng = ZeroEngine(model, ZeroConfig(arena="pool"), PrecisionConfig(), OptimizerConfig(), torch.device("cpu"))
+    assert eng.arena is None and eng.arena_stats() == {}  # CPU has no caching allocator to protect
 
 
 def test_arena_setting_is_validated():

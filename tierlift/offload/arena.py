@@ -39,7 +39,7 @@ import torch
 
 from tierlift.errors import TierliftError
 
-__all__ = ["SlotKind", "SlotClass", "ArenaPlan", "ChunkShape", "plan_arena", "ArenaStats", "ChunkArena", "arena_for"]
+__all__ = ["SlotKind", "SlotClass", "ArenaPlan", "ChunkShape", "plan_arena", "ArenaStats", "ChunkArena"]
 
 
 class SlotKind(enum.Enum):
@@ -233,14 +233,3 @@ class ChunkArena:
         reserved, active, segments = self._pool_bytes()
         frag = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return ArenaStats(self.plan.total_bytes, self.reserved_at_setup, reserved, active, segments, frag)
-
-
-def arena_for(chunk_shapes: Sequence[ChunkShape], device: torch.device, *, mode: str, **plan_kwargs) \
-        -> ChunkArena | None:
-    """The engine's arena: ``mode`` "pool" on CUDA builds one; "shared" (torch's shared caching
-    allocator) or a CPU device gives None."""
-    if mode == "shared" or device.type != "cuda":
-        return None
-    h2d = plan_kwargs.pop("h2d_stream", None)
-    rank = plan_kwargs.pop("rank", 0)
-    return ChunkArena(plan_arena(chunk_shapes, **plan_kwargs), device, h2d, rank)

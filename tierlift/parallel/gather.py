@@ -11,8 +11,9 @@ that stream; the chunk's ``ready`` event makes the compute stream wait.  On CPU
 
 Allocation: a stage-3 chunk keeps one storage object for the whole run, resized to
 zero when resharded and back when gathered (autograd's saved views of weights stay
-valid).  On a GPU every such resize, the device shards a gather reads and the
-gradient buffers happen inside the arena's private pool (``offload/arena.py``).
+valid).  With ``zero.arena: pool`` on a GPU, every such resize, the device shards a
+gather reads and the gradient buffers are allocated in the arena's private pool
+(``offload/arena.py``); by default, from torch's shared caching allocator.
 """
 
 from __future__ import annotations
@@ -53,17 +54,17 @@ class GatherMixin:
         copies are released, so the pool is reserved from memory nothing else holds."""
         if self.device.type != "cuda" or self.cfg.arena == "shared":
             return None
-        from tierlift.offload.arena import ChunkShape, arena_for
+        from tierlift.offload.arena import ChunkArena, ChunkShape, plan_arena
         torch.cuda.empty_cache()  # the full model's setup copy, freed by the reshard above
         group_of = {id(c): g.index for g in self.groups for c in g.chunks}
         shapes = [ChunkShape(group_of.get(id(c), 0), c.spec.padded_numel, c.spec.shard_numel,
                              c.spec.persistent or id(c) not in group_of or self.groups[group_of[id(c)]].persistent)
                   for c in self.chunks]
-        arena = arena_for(shapes, self.device, mode=self.cfg.arena, world_size=self.world_size,
-                          stage=self.cfg.stage, prefetch_units=self.cfg.prefetch_units,
-                          compute_itemsize=self.compute_dtype.itemsize, reduce_itemsize=self.reduce_dtype.itemsize,
-                          gather_shards_from_host=self._h2d is not None and any(c.compute_shard is None for c in self.chunks),
-                          h2d_stream=self._h2d, rank=self.rank)
+        host_shards = self._h2d is not None and any(c.compute_shard is None for c in self.chunks)
+        plan = plan_arena(shapes, world_size=self.world_size, stage=self.cfg.stage,
+                          prefetch_units=self.cfg.prefetch_units, compute_itemsize=self.compute_dtype.itemsize,
+                          reduce_itemsize=self.reduce_dtype.itemsize, gather_shards_from_host=host_shards)
+        arena = ChunkArena(plan, self.device, self._h2d, self.rank)
         log.info("rank %d: GPU chunk arena %.2f GiB reserved (%s)", self.rank, arena.reserved_at_setup / 2**30,
                  arena.plan.describe())
         return arena
