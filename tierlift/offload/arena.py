@@ -207,8 +207,8 @@ class ChunkArena:
             raise TierliftError(
                 f"the GPU chunk arena needs {self.plan.total_bytes / 2**30:.2f} GiB "
                 f"({self.plan.describe()}) and the GPU ran out at {len(held)} blocks "
-                f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free).", setting="zero.arena", value="pool", rank=self.rank,
-                fix="lower zero.prefetch_units (fewer gathered units alive), offload parameters "
+                f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB free).", setting="zero.arena", value="pool",
+                rank=self.rank, fix="lower zero.prefetch_units (fewer gathered units alive), offload parameters "
                     "(offload.param), or set zero.arena: shared to allocate on demand.") from exc
         finally:
             del held

@@ -160,10 +160,12 @@ class Trainer:
                 self._sync()
                 t0 = time.perf_counter()
                 m = self.train_step()
-                # Memory facts at the same point of every step, before the last step's drain
-                # of the host optimizer (which frees the gradient backlog at once).
-                arena = self.engine.arena_stats()
-                if self.step >= total and self.engine.host_opt is not None:
+                draining = self.step >= total and self.engine.host_opt is not None
+                # Memory facts (allocator counters, GPU) once a step's work is queued: on the last
+                # step before the host optimizer's drain, which frees the gradient backlog at once;
+                # on the others after the timing, which a pool snapshot would add to.
+                arena = self.engine.arena_stats() if draining else None
+                if draining:
                     # Host steps run on behind the next forward; the last step has no next
                     # forward, so its timing includes them (none escape the measurement).
                     self.engine.host_opt.wait_all()
@@ -171,6 +173,8 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if self.engine.host_opt is not None:
                     self.memory.pinned_bytes = self.engine.host_opt.pinned_bytes
+                if arena is None:
+                    arena = self.engine.arena_stats()
                 mem = {**self.memory.sample(), **arena}
                 if "gpu_frag_bytes" in mem:
                     summary.gpu_frag_bytes.append(int(mem["gpu_frag_bytes"]))
