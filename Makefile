@@ -10,7 +10,11 @@ RUN_DIR   ?= runs/tiny-gpt-$(shell date +%Y%m%d-%H%M%S)
 STEPS     ?= 300
 STAMP     := $(VENV)/.tierlift-installed
 
-.PHONY: setup run test test-gpu clean
+# Debian packages the tests need besides Python ones: headless Chromium (tests/test_report.py
+# opens the `tierlift report` page in it) and the font its PNGs are drawn with.
+TEST_DEBS := chromium fonts-dejavu-core
+
+.PHONY: setup run test test-deps test-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,7 +37,28 @@ run: setup
 	    --set "offload.optimizer={kind: nvme, path: $$NVME}"; rc=$$?; \
 	rm -rf "$$NVME"; exit $$rc
 
-test: setup
+# Installs TEST_DEBS once, only those missing (apt-get, as root or through sudo); quiet.
+# Without dpkg (not Debian) it only checks that chromium is on PATH.
+test-deps:
+	@if command -v dpkg-query >/dev/null 2>&1; then \
+	    missing=$$(for p in $(TEST_DEBS); do \
+	        dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	else \
+	    missing=$$(command -v chromium >/dev/null 2>&1 || echo chromium); \
+	fi; \
+	missing=$$(echo $$missing); \
+	if [ -n "$$missing" ]; then \
+	    if ! command -v apt-get >/dev/null 2>&1; then \
+	        echo "make test: the tests need $$missing; install it (Debian: apt-get install $$missing) and rerun." >&2; \
+	        exit 2; \
+	    fi; \
+	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "make test: installing $$missing (apt-get)" >&2; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: setup test-deps
 	$(BIN)/python -m pytest -q -m "not gpu" --durations=15
 
 # On a machine with CUDA: only the GPU tests.

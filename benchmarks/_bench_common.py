@@ -23,7 +23,11 @@ import json
 import math
 import os
 import platform
+import re
+import shlex
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -177,6 +181,38 @@ def pinned_host_stats() -> dict[str, Any]:
             if "_bytes." in k and k.endswith((".current", ".peak"))}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tierlift_version() -> str | None:
+    """The version of the checkout being measured.  The GPU machine runs tierlift
+    from PYTHONPATH, not an installed distribution, so metadata has none: read
+    ``__version__`` from the source without importing it (importing pulls torch)."""
+    try:
+        with open(os.path.join(REPO, "tierlift", "__init__.py"), encoding="utf-8") as f:
+            m = re.search(r'^__version__\s*=\s*"([^"]+)"', f.read(), re.M)
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
+def tierlift_commit() -> str | None:
+    """The commit that made a result: ``TL_COMMIT`` (set by whoever sends the tree to
+    a machine without .git, e.g. the device call) or ``git rev-parse HEAD`` here,
+    with ``+dirty`` when the working tree differs from it."""
+    env = os.environ.get("TL_COMMIT")
+    if env:
+        return env
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def env_facts() -> dict[str, Any]:
     """Versions and hardware, read without importing the peers (cheap, and a
     broken peer must not stop the facts from being written)."""
@@ -195,7 +231,8 @@ def env_facts() -> dict[str, Any]:
         "torch": ver("torch"),
         "deepspeed": ver("deepspeed"),
         "transformers": ver("transformers"),
-        "tierlift": ver("tierlift"),
+        "tierlift": ver("tierlift") or tierlift_version(),
+        "tierlift_commit": tierlift_commit(),
         "env": {k: os.environ.get(k) for k in (
             "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
             "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")},
@@ -360,6 +397,11 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_json(path: str, obj: Any) -> None:
     """Atomic (write + rename): a reader never sees half a file, and a crash
     leaves the previous result intact."""
@@ -393,7 +435,15 @@ def llama_params(name: str) -> int:
 
 
 def write_report(out_dir: str, stem: str, md_lines: list[str], obj: Any) -> None:
-    """A device-session report: OUT_DIR/STEM.md (printed too) and OUT_DIR/STEM.json (atomic)."""
+    """A device-session report: OUT_DIR/STEM.md (printed too) and OUT_DIR/STEM.json (atomic).
+    Both record the tierlift version, the commit and the command that made them, so a
+    result can always be tied to the code (issue 11)."""
+    made_by = {"tierlift": tierlift_version(), "tierlift_commit": tierlift_commit(),
+               "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)}
+    if isinstance(obj, dict):
+        obj = {**made_by, **obj}
+    md_lines = list(md_lines) + ["", f"_tierlift {made_by['tierlift']} at commit {made_by['tierlift_commit']}; "
+                                     f"made by `{made_by['command']}`_"]
     text = "\n".join(md_lines).rstrip("\n") + "\n"
     with open(os.path.join(out_dir, stem + ".md"), "w", encoding="utf-8") as f:
         f.write(text)

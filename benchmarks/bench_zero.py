@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--min-run-s", type=float, default=60.0)
     p.add_argument("--ds-comm-dtype", default=None, choices=["fp32", "bf16"])
     p.add_argument("--tl-config", default=None, help="JSON merged over tierlift's config (passed to the worker)")
+    p.add_argument("--no-ac", dest="ac", action="store_false",
+                   help="every system without activation checkpointing (the worker's --no-ac)")
     p.add_argument("--tl-run-dir", default=None, help="tierlift trains with this run directory (passed to the worker)")
     p.add_argument("--out", required=True, help="result JSON; the markdown goes next to it as .md")
     p.add_argument("--logdir", default=None, help="per-run logs and rank files (default: <out>_logs/)")
@@ -112,6 +114,8 @@ def worker_cmd(a, system: str, gpus: int, rank_out: str) -> list[str]:
            "--out", rank_out, "--nvme-dir", a.nvme_dir]
     if a.gpu_mem_gib:
         cmd += ["--gpu-mem-gib", str(a.gpu_mem_gib)]
+    if not a.ac:
+        cmd += ["--no-ac"]
     if a.ds_comm_dtype and system == "deepspeed":
         cmd += ["--ds-comm-dtype", a.ds_comm_dtype]
     if a.tl_config and system == "tierlift":
@@ -278,7 +282,7 @@ def _merge_ranks(a, rec: dict, ranks: list) -> None:
     if r0:
         for k in ("gpu_name", "gpu_count", "cuda", "env", "deepspeed_version", "n_params", "optimizer_impl",
                   "ds_config", "tierlift_config", "tierlift_summary", "build_model_s", "pinned_host", "warnings",
-                  "gpu_frag_bytes", "torch_runtime"):
+                  "gpu_frag_bytes", "torch_runtime", "activation_plan"):
             if k in r0:
                 rec[k] = r0[k]
     for key in ("peak_gpu_alloc_gib", "peak_gpu_reserved_gib", "gpu_used_at_end_gib"):

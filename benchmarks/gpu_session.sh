@@ -21,6 +21,12 @@
 #           GPUS, SYSTEMS, OFFLOAD, STEPS, TL_CONFIG, EXTRA, SMOKE -- default 0 here)
 #   nvmetune   engine vs aio at NVME_THREADS; L1B tierlift on NVMe with NVME_TL_CONFIG
 #   telemetry  L1B without offload, telemetry on vs off -> $OUT/telemetry_overhead.md
+#   act     issue 13: L1B long context (ACT_RUNS), tierlift activations auto vs FSDP2 +/- AC -> $OUT/act.md
+#   ab      this tree vs another commit's (AB_PREV, default .device/prev: `git archive OLD tierlift
+#           benchmarks | tar -x -C .device/prev`, carried), L1B none/cpu, AB_REPEATS alternating
+#           -> $OUT/ab_perf.md (set AB_PREV_COMMIT and TL_COMMIT in the command: no .git there)
+#   verify  L1B, optimizer on NVMe, offload.optimizer.verify on vs off (VERIFY_REPEATS, default 2,
+#           alternating) -> $OUT/nvme_verify.md (benchmarks/bench_nvme_verify.py)
 # TOTAL_S (default 580) bounds the whole call.  At the end every file but the *.md summaries
 # goes into $OUT/session.tgz (the device returns at most 8 files; BUNDLE=0 keeps them loose).
 set -u -o pipefail
@@ -178,6 +184,47 @@ print(f"- telemetry on: {on['step_s']:.4f} s/step (median of {len(on['step_times
 print(f"- per-step times on:  {[round(x, 4) for x in on['step_times_s']]}")
 print(f"- per-step times off: {[round(x, 4) for x in off['step_times_s']]}")
 PY
+fi
+if has act; then  # issue 13: long context, tierlift's activation plan vs FSDP2 (+/- checkpointing)
+    # ACT_RUNS: "system:mode:capGiB:seq" with mode auto (tierlift), ac (checkpoint every block), noac (keep)
+    for spec in ${ACT_RUNS:-tierlift:auto:0:32768 fsdp2:ac:0:32768 fsdp2:noac:0:32768}; do
+        IFS=: read -r sys mode cap seq <<< "$spec"
+        extra=()
+        [ "$mode" != ac ] && extra+=(--no-ac)
+        [ "$mode" = auto ] && extra+=(--tl-config '{"train": {"activations": {"policy": "auto"}}}')
+        [ "$cap" != 0 ] && extra+=(--gpu-mem-gib "$cap")
+        echo "=== stage act: $sys $mode cap=$cap seq=$seq ($(left) s left)"
+        python3 benchmarks/bench_zero.py --gpus 1 --systems "$sys" --model l1b --steps "${ACT_STEPS:-6}" --warmup 2 \
+            --mbs 1 --seq "$seq" --timeout 200 --budget "$(( $(left) - 20 ))" --min-run-s 50 "${extra[@]}" \
+            --out "$OUT/act_${sys}_${mode}_${cap}_${seq}.json" --logdir "/tmp/act_logs/$sys-$mode-$cap-$seq" \
+            2>&1 | grep -E "^\[bench_zero\] ($sys|skip)" | head -3
+    done
+    python3 benchmarks/act_report.py "$OUT" || true
+fi
+if has ab; then  # issue 11: this tree vs AB_PREV (another commit's tierlift/ and benchmarks/), L1B, alternating
+    prev="$PWD/${AB_PREV:-.device/prev}"
+    [ -d "$prev/tierlift" ] || echo "ab: no tree at $prev (carry it)"
+    for rep in $(seq 1 "${AB_REPEATS:-2}"); do
+        for off in ${AB_OFFLOAD:-none cpu}; do
+            trees="new prev"; [ $(( rep % 2 )) = 0 ] && trees="prev new"
+            for t in $trees; do
+                root="$PWD"; [ "$t" = prev ] && root="$prev"
+                echo "=== stage ab: $t, offload $off, repeat $rep ($(left) s left)"
+                # the root first on PYTHONPATH: that tree's tierlift is the one imported by its worker
+                PYTHONPATH="$root:$PYTHONPATH" python3 "$root/benchmarks/bench_zero.py" --gpus 1 --systems tierlift \
+                    --model l1b --steps "${AB_STEPS:-10}" --warmup 3 --offload "$off" --timeout 150 \
+                    --budget "$(( $(left) - 20 ))" --min-run-s 40 --out "$OUT/ab_${t}_${off}_r${rep}.json" \
+                    --logdir "/tmp/ab_logs/$t-$off-$rep" 2>&1 | grep -E "^\[bench_zero\] (tierlift|skip)" | head -3
+            done
+        done
+    done
+    python3 benchmarks/ab_report.py "$OUT" || true
+fi
+if has verify; then  # issue 17: the cost of checking NVMe reads against their crc32, one session, side by side
+    echo "=== stage verify: L1B on NVMe, verification on vs off ($(left) s left)"
+    python3 benchmarks/bench_nvme_verify.py --out "$OUT/nvme_verify.json" --repeats "${VERIFY_REPEATS:-2}" \
+        --steps "${VERIFY_STEPS:-6}" --warmup 2 --budget "$(( $(left) - 15 ))" --logdir /tmp/verify_logs \
+        2>&1 | grep -E "^\[verify|^\*\*|^\|" | head -20
 fi
 # The device returns at most 8 files: everything goes into one archive, the summaries stay beside it.
 if [ "${BUNDLE:-1}" = 1 ]; then

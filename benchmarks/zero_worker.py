@@ -283,7 +283,12 @@ def run_tierlift(args, model, ids, labels, device, world, rec):
     rec["tierlift_config"] = cfg_dict
     cfg = TrainConfig.from_dict(cfg_dict)
     n = ids.shape[0]
-    samples = [{"input_ids": ids[i], "labels": labels[i]} for _ in range(args.steps) for i in range(n)]
+    # tierlift's label rule: labels[:, i] is the target of position i (already shifted).  The
+    # peers get HF's convention (labels == input_ids, the model shifts); this is the same loss:
+    # position i predicts token i + 1, the last position has no target.
+    import torch
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    samples = [{"input_ids": ids[i], "labels": shifted[i]} for _ in range(args.steps) for i in range(n)]
     if args.tl_run_dir:
         rec["tl_run_dir"] = args.tl_run_dir
     trainer = Trainer(model, cfg, train_data=samples, run_dir=args.tl_run_dir)
@@ -305,6 +310,13 @@ def run_tierlift(args, model, ids, labels, device, world, rec):
     rec["tierlift_summary"] = {k: getattr(summary, k) for k in (
         "tokens_per_s", "peak_gpu_alloc_bytes", "peak_gpu_reserved_bytes", "peak_host_rss_bytes", "pinned_bytes",
         "grad_norms", "offload_busy_s", "gpu_frag_bytes", "arena_growth_bytes") if hasattr(summary, k)}
+    acts = getattr(trainer.engine, "activations", None)
+    if acts is not None and acts.plan is not None:  # the activation plan the run executed, and its prediction
+        p = acts.plan
+        rec["activation_plan"] = {"policy": p.policy, "predicted_step_s": p.predicted_step_s,
+                                  "predicted_peak_bytes": p.predicted_peak_bytes, "recompute_s": p.recompute_s,
+                                  "swap_stall_s": p.swap_stall_s, "swapped_bytes": p.swapped_bytes,
+                                  "feasible": p.feasible, "decisions": p.to_json(), "replans": acts.replans}
     if len(step_times) != args.steps:
         rec.setdefault("warnings", []).append(f"summary.step_times has {len(step_times)} entries, "
                                               f"expected {args.steps}")

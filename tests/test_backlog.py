@@ -71,7 +71,7 @@ def test_offloaded_optimizer_steps_waiting_gradients_in_next_forward_order():
     from tierlift.offload.optimizer import OffloadedOptimizer
     from tierlift.offload.policy import CPUOffload, OffloadConfig
     from tierlift.parallel.config import OptimizerConfig
-    from tierlift.parallel.layout import UnitSpec, plan_chunks
+    from tierlift.layout import UnitSpec, plan_chunks
 
     units = [UnitSpec("", (("embed.weight", (16, 8)),))] + [
         UnitSpec(f"blocks.{i}", ((f"blocks.{i}.w", (8, 8)),)) for i in range(3)]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from tierlift.errors import CheckpointError
 from tierlift.parallel.comm import Comm, LocalComm
-from tierlift.parallel.layout import UnitSpec, plan_chunks
+from tierlift.layout import UnitSpec, plan_chunks
 from tierlift.runtime import checkpoint as ckpt_mod
 from tierlift.runtime import checkpoint_io, export as export_mod
 from tierlift.runtime.checkpoint import (StateSegment, latest_checkpoint, load_checkpoint, read_manifest,

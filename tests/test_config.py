@@ -300,3 +300,14 @@ def test_moe_and_llama_configs():
     d, f, v, n = 2048, 5440, 32000, 16
     params = 2 * v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d
     assert round(params / 1e9, 3) == 0.934
+
+
+def test_every_unknown_key_is_reported_at_once_with_its_nearest_key():
+    e = _err({"train": {"micro_batch": 4, "max_step": 3}, "zero": {"stagee": 3},
+              "offload": {"optimizer": {"kind": "nvme", "path": "/tmp/x", "aio": {"thread": 2}}},
+              "optimizer": {"learning_rate": 1e-3}})
+    for setting, hint in [("train.micro_batch", "micro_batch_size"), ("train.max_step", "max_steps"),
+                          ("zero.stagee", "stage"), ("offload.optimizer.aio.thread", "threads")]:
+        assert setting in e.setting and f"{setting}: did you mean {hint!r}?" in e.fix
+    assert "optimizer.learning_rate: valid keys here are" in e.fix
+    assert "5 keys" in str(e) and len(str(e).splitlines()) == 1

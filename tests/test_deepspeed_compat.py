@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import pickle
 
 import pytest
+import yaml
 
 from tierlift.errors import ConfigError
 from tierlift.offload.policy import CPUOffload, NoOffload, NVMeOffload
 from tierlift.runtime import deepspeed_keys as K
 from tierlift.runtime.config import TrainConfig
-from tierlift.runtime.deepspeed_compat import (DeepSpeedConfigError, convert_file, from_deepspeed,
-                                               is_deepspeed_config, to_tierlift_yaml)
+from tierlift.runtime.deepspeed_compat import DeepSpeedConfigError, is_deepspeed_config
+from tierlift.runtime.deepspeed_convert import convert_file, to_tierlift_yaml
+
+from_deepspeed = TrainConfig.from_deepspeed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "configs", "ds-zero3-offload.json")
@@ -199,14 +203,10 @@ def test_batch_size_rules():
     assert (c.train.micro_batch_size, c.train.grad_accum_steps, c.train.global_batch_size) == (8, 4, 64)
     c = from_deepspeed({"train_batch_size": 32}, world_size=4)
     assert (c.train.micro_batch_size, c.train.grad_accum_steps) == (8, 1)
-    probs = _problems({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8})
-    assert "gradient_accumulation_steps" in probs  # needs the world size to derive
     probs = _problems({"train_batch_size": 60, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1})
     assert probs["train_batch_size"].value == 60
     probs = _problems({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, world_size=3)
     assert "gradient_accumulation_steps" in probs
-    probs = _problems({"gradient_clipping": 1.0})
-    assert "train_micro_batch_size_per_gpu" in probs
     probs = _problems({"train_micro_batch_size_per_gpu": 2.5})
     assert probs["train_micro_batch_size_per_gpu"].value == 2.5
     c = from_deepspeed({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2})
@@ -255,17 +255,18 @@ def test_aio_reaches_every_nvme_policy(tmp_path):
 
 def test_all_problems_reported_together():
     d = _ds(aio={"thread_count": 4},
-            zero_optimization={"stage": 3, "overlap_com": True, "zero_quantized_weights": True, "cpu_offload": True},
+            zero_optimization={"stage": 3, "overlap_com": True, "zero_quantized_weights": True, "cpu_offload": 2},
             optimizer={"type": "Lamb"}, fp16={"enabled": True, "loss_scale": 64},
-            tensorboard={"enabled": True}, activation_checkpointing={"partition_activations": True},
+            amp={"enabled": True}, tensorboard={"enabled": True},  # monitors are ignored, amp is not
+            activation_checkpointing={"partition_activations": True},
             gradient_clipping=-1, model={"kind": "gpt"}, fancy_new_feature=1,
             steps_per_print="often")
     with pytest.raises(DeepSpeedConfigError) as info:
         from_deepspeed(d)
     e = info.value
     expected = {"aio.thread_count", "zero_optimization.overlap_com", "zero_optimization.zero_quantized_weights",
-                "zero_optimization.cpu_offload", "optimizer.type", "fp16.loss_scale", "tensorboard",
-                "activation_checkpointing", "gradient_clipping", "model", "fancy_new_feature", "steps_per_print"}
+                "zero_optimization.cpu_offload", "optimizer.type", "fp16.loss_scale", "amp",
+                "gradient_clipping", "model", "fancy_new_feature", "steps_per_print"}
     assert {p.setting for p in e.problems} == expected
     text = str(e)
     assert f"{len(expected)} settings" in text
@@ -276,18 +277,62 @@ def test_all_problems_reported_together():
     assert str(again) == text and [p.setting for p in again.problems] == [p.setting for p in e.problems]
     by = {p.setting: p for p in e.problems}
     assert "did you mean 'overlap_comm'" in by["zero_optimization.overlap_com"].fix
-    assert "offload_optimizer" in by["zero_optimization.cpu_offload"].fix
+    assert "true or false" in by["zero_optimization.cpu_offload"].fix
     assert "tierlift section" in by["model"].message
-    assert "train.activation_checkpointing" in by["activation_checkpointing"].fix
     assert by["gradient_clipping"].value == -1.0 and "optimizer.grad_clip" in by["gradient_clipping"].message
     assert by["steps_per_print"].value == "often"
 
 
-def test_auto_values_are_reported():
-    probs = _problems({"train_micro_batch_size_per_gpu": "auto", "optimizer": {"type": "AdamW",
-                                                                              "params": {"lr": "auto"}}})
-    assert set(probs) == {"train_micro_batch_size_per_gpu", "optimizer.params.lr"}
-    assert all(p.value == "auto" and "Hugging Face" in p.message for p in probs.values())
+def test_auto_values_are_decided_and_each_choice_is_one_line():
+    c = from_deepspeed({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                                  "weight_decay": "auto"}},
+                        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr":
+                                      "auto", "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+                        "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+                        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                              "stage3_prefetch_bucket_size": "auto",
+                                              "stage3_param_persistence_threshold": "auto",
+                                              "stage3_gather_16bit_weights_on_model_save": "auto"}})
+    d = TrainConfig()
+    assert c.train.micro_batch_size == d.train.micro_batch_size and c.optimizer.grad_clip == d.optimizer.grad_clip
+    o = c.optimizer
+    assert (o.lr, o.betas, o.eps, o.weight_decay) == (d.optimizer.lr, d.optimizer.betas, d.optimizer.eps,
+                                                      d.optimizer.weight_decay)
+    s = c.scheduler
+    assert (s.kind, s.warmup_steps, s.total_steps, s.warmup_min_ratio) == ("linear", 0, 0, 0.0)
+    assert c.precision.compute == "fp32"  # no CUDA here: fp32
+    assert (c.zero.prefetch_bytes, c.zero.persistence_threshold) == (0, 0)
+    lines = c._deepspeed_choices
+    for key in ("train_micro_batch_size_per_gpu", "gradient_clipping", "optimizer.params.lr",
+                "optimizer.params.betas", "scheduler.params.warmup_max_lr", "scheduler.params.total_num_steps",
+                "fp16.enabled", "bf16.enabled", "zero_optimization.reduce_bucket_size",
+                "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save"):
+        assert sum(line.startswith(f'ds-config: {key}="auto" -> ') for line in lines) == 1, key
+    text = "\n".join(lines)
+    assert f'ds-config: optimizer.params.lr="auto" -> {d.optimizer.lr} (' in text
+    assert 'ds-config: fp16.enabled="auto" -> false (no CUDA device, CPU: fp32 compute)' in lines
+    assert 'ds-config: zero_optimization.reduce_bucket_size="auto" -> not used (' in text
+    assert "train_batch_size" not in text  # not given, micro-batch given: DeepSpeed derives it, no line
+    # a key tierlift has no value to choose for stays an error
+    probs = _problems(_ds(zero_optimization={"stage": "auto"}))
+    assert probs["zero_optimization.stage"].value == "auto" and "no value tierlift" in probs[
+        "zero_optimization.stage"].message
+
+
+def test_precision_auto_follows_the_device(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    both = {"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}
+    assert from_deepspeed(_ds(**both)).precision.compute == "bf16"
+    assert from_deepspeed(_ds(fp16={"enabled": True}, bf16={"enabled": "auto"})).precision.compute == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    c = from_deepspeed(_ds(**both))
+    assert c.precision.compute == "fp16"
+    assert 'ds-config: bf16.enabled="auto" -> false (a CUDA device without bf16: bf16 not supported)' in \
+        c._deepspeed_choices
 
 
 def test_no_effect_and_fixed_keys():
@@ -381,7 +426,8 @@ def test_key_tables_name_real_deepspeed_keys():
     def names(model):
         return {n for n, f in model.model_fields.items()} | {f.alias for f in model.model_fields.values() if f.alias}
 
-    zero = set(K.ZERO_MAPPED) | set(K.ZERO_NO_EFFECT) | set(K.ZERO_FIXED) | set(K.ZERO_UNSUPPORTED)
+    zero = set(K.ZERO_MAPPED) | set(K.ZERO_NO_EFFECT) | set(K.ZERO_FIXED) | set(K.ZERO_UNSUPPORTED) \
+        | set(K.ZERO_IGNORED) | set(K.ZERO_AUTO)
     assert zero - {"mics_shard_size"} <= names(DeepSpeedZeroConfig)  # MiCS is read outside the model
     assert K.OFFLOAD_MAPPED["param"] <= names(DeepSpeedZeroOffloadParamConfig)
     opt = K.OFFLOAD_MAPPED["optimizer"] | set(K.OFFLOAD_OPTIMIZER_NO_EFFECT) | set(K.OFFLOAD_OPTIMIZER_FIXED)
@@ -389,3 +435,72 @@ def test_key_tables_name_real_deepspeed_keys():
     assert K.FP16_MAPPED | set(K.FP16_FIXED) <= names(DeepSpeedFP16Config)
     assert K.BF16_MAPPED | set(K.BF16_FIXED) | set(K.BF16_NO_EFFECT) <= names(DeepSpeedBF16Config)
     DeepSpeedZeroConfig(**json.load(open(SHIPPED))["zero_optimization"])  # DeepSpeed accepts the example
+
+
+def test_tuning_only_keys_are_accepted_and_the_ignored_ones_named_once_in_a_warning(caplog):
+    d = _ds(activation_checkpointing={"partition_activations": True}, memory_breakdown=True,
+            checkpoint={"tag_validation": "Warn"}, wandb={"enabled": True, "project": "p"},
+            zero_optimization={"stage": 2, "ignore_unused_parameters": False, "round_robin_gradients": True,
+                               "allgather_bucket_size": 5e8, "cpu_offload": True},
+            optimizer={"type": "Adam", "params": {"adam_w_mode": False, "torch_adam": True}})
+    with caplog.at_level(logging.WARNING, logger="tierlift.config"):
+        c = from_deepspeed(d)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    for key in ("activation_checkpointing=", "memory_breakdown=true", "checkpoint=", "wandb (enabled)",
+                "zero_optimization.ignore_unused_parameters=false"):
+        assert key in warnings[0], key
+    assert isinstance(c.offload.optimizer, CPUOffload)  # cpu_offload: DeepSpeed's old spelling
+    assert c.optimizer.name == "adamw" and c.optimizer.weight_decay == 0.0  # adam_w_mode moot without decay
+    # the fixed value is silent; a value that changes the numbers is still refused
+    assert not any("ignore_unused" in n for n in from_deepspeed(
+        _ds(zero_optimization={"stage": 2, "ignore_unused_parameters": True}))._deepspeed_notes)
+    assert "amp" in _problems(_ds(amp={"enabled": True}))
+
+
+def test_imports_run_one_way():
+    """runtime.config imports the DeepSpeed mapping; nothing of the mapping imports
+    runtime.config, and config.py imports nothing inside a function to dodge a cycle."""
+    import ast
+
+    import tierlift.runtime as rt
+    here = os.path.dirname(rt.__file__)
+
+    def imports(name, in_functions=False):
+        tree = ast.parse(open(os.path.join(here, name)).read())
+        nodes = [n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)] \
+            if in_functions else list(ast.walk(tree))
+        return {n.module for n in nodes if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+
+    for name in ("deepspeed_compat.py", "deepspeed_sections.py", "deepspeed_keys.py", "deepspeed_auto.py",
+                 "loop_config.py"):
+        assert "tierlift.runtime.config" not in imports(name), name
+    assert not {m for m in imports("config.py", in_functions=True) if m.startswith("tierlift")}
+    assert "tierlift.runtime.deepspeed_compat" in imports("config.py")
+
+
+def test_batch_sizes_derived_once_the_world_size_is_known():
+    from tierlift.runtime.config import resolve_batch_sizes
+    from tierlift.runtime.loop_config import LoopConfig
+
+    cfg = TrainConfig(train=LoopConfig(micro_batch_size=0, grad_accum_steps=3, global_batch_size=24))
+    out, lines = resolve_batch_sizes(cfg, 4)
+    assert (out.train.micro_batch_size, out.train.grad_accum_steps) == (2, 3) and len(lines) == 1
+    out, lines = resolve_batch_sizes(TrainConfig(train=LoopConfig(micro_batch_size=0, grad_accum_steps=0,
+                                                                  global_batch_size=8)), 2)
+    assert (out.train.micro_batch_size, out.train.grad_accum_steps) == (4, 1) and len(lines) == 2
+    out, lines = resolve_batch_sizes(TrainConfig(train=LoopConfig(micro_batch_size=2, grad_accum_steps=0,
+                                                                  global_batch_size=16)), 2)
+    assert out.train.grad_accum_steps == 4
+    with pytest.raises(ConfigError, match="not a multiple of grad_accum_steps 3 x 3 ranks = 9") as e:
+        resolve_batch_sizes(cfg, 3)
+    assert e.value.setting == "train.global_batch_size" and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        LoopConfig(micro_batch_size=0)  # derived only from a global batch
+    c = from_deepspeed({"train_batch_size": 8, "gradient_accumulation_steps": 2})
+    assert (c.train.micro_batch_size, c.train.grad_accum_steps, c.train.global_batch_size) == (0, 2, 8)
+    with pytest.raises(ConfigError, match="depends on the number of ranks"):
+        to_tierlift_yaml({"train_batch_size": 8, "gradient_accumulation_steps": 2})
+    text = to_tierlift_yaml({"train_batch_size": 8, "gradient_accumulation_steps": 2}, world_size=2)
+    assert TrainConfig.from_dict(yaml.safe_load(text)).train.micro_batch_size == 2

@@ -197,6 +197,25 @@ def test_unrouted_expert_gets_zero_grad_and_matches_reference():
         torch.testing.assert_close(sd[k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_unrouted_expert_chunk_is_gathered_with_its_block():
+    # docs/zero.md and models/moe.py: experts' chunks travel with their block, routed or
+    # not, so every rank issues the same collectives; only compute follows the routing.
+    model = Net()
+    eng = _engine(model, stage=3)
+    seen = {}
+
+    def record(module, args):
+        for c in eng.chunks:
+            if c.spec.unit.startswith("blocks.0.experts."):
+                seen[c.spec.unit] = c.state
+
+    model.blocks[0].experts[0].register_forward_pre_hook(record)
+    x, y = _batch()
+    eng.forward_begin()
+    eng.backward(model(x, y, route=0))
+    assert seen == {"blocks.0.experts.0": Residency.GATHERED, "blocks.0.experts.1": Residency.GATHERED}
+
+
 def test_optimizer_sub_groups_bound_elements_and_keep_numerics():
     outs = []
     for sub in (0, 64):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tierlift.errors import LaunchError
-from tierlift.launch.env import DistEnv
+from tierlift.parallel.env import DistEnv
 from tierlift.launch.local import launch_local, pump_lines
 from tierlift.launch.ports import check_port_free, find_free_port, resolve_master_port
 
@@ -114,7 +114,7 @@ def test_pump_prefixes_lines_and_progress_updates():
 REPORT = """
 import ipaddress, json, os, sys
 import psutil, torch, torch.distributed as dist
-from tierlift.launch.env import init_distributed, shutdown_distributed
+from tierlift.parallel.env import init_distributed, shutdown_distributed
 dev = init_distributed("cpu")
 t = torch.tensor([float(os.environ["RANK"]) + 1.0])
 dist.all_reduce(t)

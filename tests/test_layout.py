@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierlift.parallel.layout import UnitSpec, plan_chunks
+from tierlift.layout import UnitSpec, plan_chunks
 
 UNITS = [
     UnitSpec("", (("embed.weight", (100, 8)), ("norm.weight", (8,)))),

@@ -201,7 +201,7 @@ def test_move_to_nvme_with_params_on_nvme_serves_params_from_the_file(tmp_path):
     from tierlift.offload.optimizer import OffloadedOptimizer, Tier
     from tierlift.offload.policy import NVMeOffload, OffloadConfig
     from tierlift.parallel.config import OptimizerConfig
-    from tierlift.parallel.layout import UnitSpec, plan_chunks
+    from tierlift.layout import UnitSpec, plan_chunks
 
     units = [UnitSpec("", (("embed.weight", (64, 64)),)), UnitSpec("blocks.0", (("blocks.0.w", (96, 64)),))]
     layout = list(plan_chunks(units, 1, align_bytes=64))

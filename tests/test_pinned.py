@@ -18,7 +18,7 @@ import torch
 from _fakes import FakeEvent
 
 from tierlift.errors import ConfigError
-from tierlift.offload import pinned
+from tierlift.offload import host_alloc, pinned
 from tierlift.offload.pinned_bench import benchmark_pinning
 from tierlift.offload.pinned import (PAGE, PinnedMemoryError, PinnedPool, SlabFullError,
                                      check_memlock, hostalloc_pinned_bytes)
@@ -224,8 +224,8 @@ def limits(monkeypatch):
         hard = soft if hard is None else hard
         monkeypatch.setattr(resource, "getrlimit",
                             lambda which: (soft, hard) if which == resource.RLIMIT_MEMLOCK else (0, 0))
-        monkeypatch.setattr(pinned.os, "geteuid", lambda: 0 if root else 1000)
-        monkeypatch.setattr(pinned, "_has_cap_ipc_lock", lambda: cap)
+        monkeypatch.setattr(host_alloc.os, "geteuid", lambda: 0 if root else 1000)
+        monkeypatch.setattr(host_alloc, "_has_cap_ipc_lock", lambda: cap)
 
     return set_
 

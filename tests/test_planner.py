@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from tierlift.errors import ConfigError
-from tierlift.parallel.layout import UnitSpec, plan_chunks
+from tierlift.layout import UnitSpec, plan_chunks
 from tierlift.runtime.planner import Budgets, GiB, ModelShape, NodeRates, TrainingShape, plan
 from tierlift.runtime.policy import Policy, Thresholds
 
@@ -69,12 +69,12 @@ def test_small_host_gives_the_partial_nvme_split_the_engine_places(tmp_path):
     assert p.step.disk_s > 0
     cfg = p.to_offload_config(nvme_path=str(tmp_path / "nv"))
     assert cfg.optimizer.max_in_cpu == p.max_in_cpu and cfg.host_budget_bytes == budget
-    # The offloaded optimizer's own placement rule puts exactly the planned chunks on the host.
-    from tierlift.offload.optimizer import OffloadedOptimizer, Tier
+    # The engine's placement rule (offload/execplan.place_chunks) puts exactly the planned chunks on the host.
+    from tierlift.offload.execplan import place_chunks
     layout = plan_chunks([UnitSpec("" if i == 0 else f"u{i}", ((f"p{i}", (n,)),))
                           for i, n in enumerate([ROOT] + [BLOCK] * NBLOCKS)], 1)
-    tiers = OffloadedOptimizer._place(None, list(layout), cfg.optimizer)
-    assert [t is Tier.HOST for t in tiers] == [c.optimizer_tier == "host" for c in p.placements]
+    tiers = place_chunks([c.shard_numel for c in layout], cfg.optimizer.max_in_cpu)
+    assert list(tiers) == [c.optimizer_tier for c in p.placements]
 
 
 def _assert_smallest(err: ConfigError, budgets: Budgets, **kinds) -> None:
@@ -175,9 +175,14 @@ def test_gpu_near_cap_gives_shallower_prefetch_without_flapping():
 
 
 def test_host_pressure_moves_the_last_host_chunks_to_nvme():
-    p = plan(L1B, Budgets(16 * GiB, 64 * GiB), H100, TRAIN)
-    assert p.optimizer_kind == "cpu"
-    pol = Policy(p, Thresholds(host_min_available_bytes=4 * GiB, host_margin_bytes=2 * GiB, cooldown_steps=10))
+    th = Thresholds(host_min_available_bytes=4 * GiB, host_margin_bytes=2 * GiB, cooldown_steps=10)
+    cpu = plan(L1B, Budgets(16 * GiB, 64 * GiB), H100, TRAIN)
+    assert cpu.optimizer_kind == "cpu"  # no NVMe tier to move to: the engine has no extents
+    d = Policy(cpu, th).observe(7, _metrics(host_available_bytes=1 * GiB))
+    assert [x.kind for x in d] == ["host_pressure"] and "no NVMe tier" in d[0].reason
+    p = plan(L1B, Budgets(16 * GiB, 64 * GiB), H100, TRAIN, optimizer_kind="nvme")
+    assert p.optimizer_kind == "nvme" and p.host_chunks == NBLOCKS + 1  # the budget holds every chunk
+    pol = Policy(p, th)
     d = pol.observe(7, _metrics(host_available_bytes=1 * GiB))
     assert [x.kind for x in d] == ["move_to_nvme"]
     f = d[0].new_plan_fields

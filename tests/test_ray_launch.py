@@ -27,7 +27,7 @@ ENV_KEYS = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 SCRIPT = """
 import json, os, sys, time
 import torch, torch.distributed as dist
-from tierlift.launch.env import init_distributed, shutdown_distributed
+from tierlift.parallel.env import init_distributed, shutdown_distributed
 out = sys.argv[1]
 init_distributed("cpu")
 t = torch.tensor([float(os.environ["RANK"]) + 1.0])

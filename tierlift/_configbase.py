@@ -139,22 +139,58 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError("must be a mapping.", setting=path or cls.__name__, value=data,
                           fix=f"give a mapping with the keys of {cls.__name__}.")
+    _raise_unknown(_unknown_keys(cls, data, path))
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
-        sub = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            hint = nearest(str(key), fields)
-            fix = (f"did you mean {hint!r}? " if hint else "") + \
-                f"valid keys here are {sorted(fields)}."
-            raise ConfigError("is not a known setting.", setting=sub, value=value, fix=fix)
-        kwargs[key] = _convert(value, hints[key], sub)
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else str(key))
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         _relocate(exc, path, fields)
         raise
+
+
+def _unknown_keys(cls: Any, data: Mapping[str, Any], path: str) -> list[tuple[str, Any, str | None, list[str]]]:
+    """Every unknown key under ``data`` (this level and nested sections, policy
+    unions resolved by their ``kind``), as (path, value, nearest valid key, valid
+    keys), so one error can name them all.  Values that are not mappings are left
+    to ``_convert``, which reports them with their type."""
+    hints = get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    found: list[tuple[str, Any, str | None, list[str]]] = []
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            found.append((sub, value, nearest(str(key), fields), sorted(fields)))
+            continue
+        if not isinstance(value, Mapping):
+            continue
+        tp = hints[key]
+        candidates = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] \
+            if get_origin(tp) in (Union, types.UnionType) else ([tp] if dataclasses.is_dataclass(tp) else [])
+        if len(candidates) == 1:
+            found += _unknown_keys(candidates[0], value, sub)
+        elif candidates:  # a tagged policy union: the body of the chosen kind, "kind" itself aside
+            kinds = {getattr(a, "KIND", a.__name__).lower(): a for a in candidates}
+            chosen = kinds.get(str(value.get("kind", "")).lower())
+            if chosen is not None:
+                found += _unknown_keys(chosen, {k: v for k, v in value.items() if k != "kind"}, sub)
+    return found
+
+
+def _raise_unknown(found: list[tuple[str, Any, str | None, list[str]]]) -> None:
+    if not found:
+        return
+    if len(found) == 1:
+        sub, value, hint, valid = found[0]
+        raise ConfigError("is not a known setting.", setting=sub, value=value,
+                          fix=(f"did you mean {hint!r}? " if hint else "") + f"valid keys here are {valid}.")
+    fixes = "; ".join(f"{sub}: " + (f"did you mean {hint!r}?" if hint else f"valid keys here are {valid}")
+                      for sub, _, hint, valid in found)
+    raise ConfigError(f"are not known settings ({len(found)} keys).", setting=", ".join(s for s, *_ in found),
+                      value={s: v for s, v, *_ in found}, fix=fixes + ".")
 
 
 def _relocate(exc: ConfigError, path: str, fields: Mapping[str, Any]) -> None:

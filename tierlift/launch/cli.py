@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Sequence
 
-from tierlift.errors import LaunchError, TierliftError
+from tierlift.errors import ConfigError, LaunchError, TierliftError
 
 __all__ = ["main", "build_parser"]
 
@@ -46,18 +46,12 @@ def _has_checkpoint(run_dir: str) -> bool:
     return latest_checkpoint(run_dir) is not None
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # readers (the ranks) never see half a config
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from tierlift._configbase import from_dict
-    from tierlift.runtime.config import TrainConfig
+    from tierlift.runtime.config import TrainConfig, config_choices, resolve_batch_sizes
 
     cfg = TrainConfig.load(args.config)
+    chosen = config_choices(cfg)  # values tierlift chose for DeepSpeed "auto" / missing keys
     data = cfg.to_dict()
     run = data["run"]
     for key, value in (("nproc", args.nproc), ("backend", args.backend), ("device", args.device),
@@ -70,6 +64,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for item in args.set or []:
         _apply_set(data, item)
     cfg = from_dict(TrainConfig, data)  # re-validated with the overrides applied
+    if cfg.run.backend != "mpi":  # the world size is --nproc: batch sizes derived from it are fixed here
+        cfg, lines = resolve_batch_sizes(cfg, cfg.run.nproc)
+        chosen += lines
+    for line in chosen:
+        print(f"tierlift: {line}", file=sys.stderr)
     run_dir = cfg.run.dir
     if args.resume and not _has_checkpoint(run_dir):
         raise LaunchError("has no complete checkpoint to resume from.", setting="--resume", value=run_dir,
@@ -78,8 +77,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # A fresh run would interleave its checkpoints and metrics with the old run's.
         raise LaunchError("already holds checkpoints of an earlier run.", setting="--run-dir", value=run_dir,
                           fix="add --resume to continue it, or give a new --run-dir.")
-    os.makedirs(run_dir, exist_ok=True)
-    _write_text_atomic(os.path.join(run_dir, "config.yaml"), cfg.to_yaml())
+    from tierlift.runtime.outdir import ensure_writable_dir
+
+    ensure_writable_dir(run_dir, setting="--run-dir" if args.run_dir else "run.dir", error=ConfigError)
+    # config.yaml is written by rank 0 once the run is accepted (entry.run_training):
+    # a refused --resume must leave the run directory as it was.
     port_setting = "--master-port" if args.master_port is not None else "run.master_port"
     n, backend = cfg.run.nproc, cfg.run.backend
     if backend == "local" and n == 1:
@@ -95,9 +97,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cmd += ["--resume"] if args.resume else []
         cmd += ["--max-steps", str(args.steps)] if args.steps is not None else []
         cmd += ["--debug"] if args.debug else []
+        from tierlift.launch.worker import PEER_LOST_EXIT, RUN_CONFIG_ENV
+
         return _report_done(launch_local(cmd, n, log_dir=os.path.join(run_dir, "logs"),
                                          master_port=cfg.run.master_port, run_dir=run_dir,
-                                         port_setting=port_setting), run_dir)
+                                         port_setting=port_setting,
+                                         env_extra={RUN_CONFIG_ENV: cfg.to_yaml()},
+                                         peer_lost_code=PEER_LOST_EXIT), run_dir)
+    if backend == "mpi":  # this process is one rank that mpiexec/srun started
+        from tierlift.launch.mpi import train_mpi
+
+        return train_mpi(cfg, report=_report_done, resume=args.resume, max_steps=args.steps,
+                         nnodes=args.nnodes, port_setting=port_setting)
     from tierlift.launch.ray_launcher import launch_ray
 
     rc = launch_ray(nproc=n, run_dir=run_dir, target="tierlift.runtime.entry:run_training",
@@ -171,16 +182,24 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 # -- config, data, export -------------------------------------------------------
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    from tierlift.runtime.config import TrainConfig, render_config
+    from tierlift.runtime.config import TrainConfig, render_config, require_batch_sizes, resolve_batch_sizes
 
-    sys.stdout.write(render_config(TrainConfig.load(args.file)))
+    # The header lists the values chosen for DeepSpeed "auto" / missing keys.
+    cfg = TrainConfig.load(args.file, world_size=args.world_size)
+    if args.world_size is None:
+        require_batch_sizes(cfg, "`tierlift config show` without --world-size")
+    else:
+        cfg, lines = resolve_batch_sizes(cfg, args.world_size)  # a tierlift YAML's derived sizes
+        for line in lines:
+            print(f"tierlift: {line}", file=sys.stderr)
+    sys.stdout.write(render_config(cfg))
     return 0
 
 
 def _cmd_config_convert(args: argparse.Namespace) -> int:
-    from tierlift.runtime.deepspeed_compat import convert_file
+    from tierlift.runtime.deepspeed_convert import convert_file
 
-    text = convert_file(args.file, args.out, overwrite=args.overwrite)
+    text = convert_file(args.file, args.out, overwrite=args.overwrite, world_size=args.world_size)
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -195,11 +214,12 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from tierlift.runtime.export import export_safetensors
+    from tierlift.runtime.export import export_safetensors, export_source
 
-    files = export_safetensors(args.path, args.out, dtype=args.dtype, show_progress=sys.stderr.isatty(),
+    ckpt, step = export_source(args.path)  # export exactly this one, even if a newer one lands meanwhile
+    files = export_safetensors(ckpt, args.out, dtype=args.dtype, show_progress=sys.stderr.isatty(),
                                overwrite=args.overwrite)
-    print(f"wrote {len(files)} file(s) to {args.out}")
+    print(f"exported step {step if step is not None else '?'} ({ckpt}): wrote {len(files)} file(s) to {args.out}")
     return 0
 
 
@@ -219,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[common], help="train from a config (YAML or DeepSpeed JSON)")
     t.add_argument("config", metavar="CONFIG", help="tierlift YAML or DeepSpeed JSON")
     t.add_argument("--nproc", type=_int_at_least(1), help="ranks (overrides run.nproc)")
-    t.add_argument("--backend", choices=["ray", "local"], help="launcher (overrides run.backend)")
+    t.add_argument("--backend", choices=["ray", "local", "mpi"],
+                   help="launcher (overrides run.backend); mpi: this process is one rank that "
+                        "mpiexec/mpirun/srun --mpi=pmi2 started")
+    t.add_argument("--nnodes", type=_int_at_least(1),
+                   help="mpi: nodes the launch must span (checked; must divide the ranks evenly)")
     t.add_argument("--steps", type=_int_at_least(1), help="optimizer steps (overrides train.max_steps)")
     t.add_argument("--run-dir", help="run directory (overrides run.dir)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
@@ -246,11 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cs = csub.add_parser("show", parents=[common], help="print the resolved config with every default")
     cs.add_argument("file", metavar="FILE")
+    cs.add_argument("--world-size", type=_int_at_least(1),
+                    help="ranks the config will train on: fixes batch sizes derived from a DeepSpeed "
+                         "train_batch_size")
     cs.set_defaults(handler=_cmd_config_show)
     cc = csub.add_parser("convert", parents=[common], help="convert a DeepSpeed JSON config to tierlift YAML")
     cc.add_argument("file", metavar="DS_JSON")
     cc.add_argument("--out", help="write here instead of stdout")
     cc.add_argument("--overwrite", action="store_true")
+    cc.add_argument("--world-size", type=_int_at_least(1),
+                    help="ranks the config will train on: fixes batch sizes derived from train_batch_size")
     cc.set_defaults(handler=_cmd_config_convert)
 
     d = sub.add_parser("data", parents=[common], help="prepare datasets")

@@ -31,7 +31,7 @@ from typing import Any
 
 __all__ = ["register", "Finding", "run_checks"]
 
-RAY_VERSION = "2.60.0"  # pinned: its loopback-only listener setup was verified for this version (design.md 6)
+RAY_VERSION = "2.60.0"  # pinned: its loopback-only listener setup was verified for this version (tests/test_ray_launch.py)
 NVME_FAIL_BYTES = 1 << 30  # below 1 GiB free the NVMe tier cannot hold even a small model's state
 NVME_WARN_BYTES = 16 << 30  # optimizer state is 12 B/param: 16 GiB holds about a 1.3 B-param model
 DISK_WARN_GBPS = 1.0  # below this an NVMe-offloaded optimizer step is disk bound for any useful model

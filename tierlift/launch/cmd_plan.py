@@ -6,7 +6,7 @@ chunks it (``find_units`` + ``plan_chunks``), and handed to the pure planner
 (tierlift/runtime/planner.py) with per-tier budgets and node rates.  Budgets come
 from the flags, else the config's ``offload.*_budget_bytes``, else what this node
 has; rates from the calibration cache when ``tierlift.system.calibrate`` provides
-one, else design.md §4's H100 numbers.  Every assumption is printed as a note.
+one, else the reference H100 node's (docs/planning.md).  Every assumption is printed as a note.
 An infeasible budget exits 2 with the smallest budget that fits.
 """
 
@@ -36,7 +36,9 @@ def parse_bytes(text: str) -> int:
 def register(subparsers, common) -> None:
     p = subparsers.add_parser("plan", parents=[common], help="print the placement and predicted step of a config")
     p.add_argument("config", metavar="CONFIG", help="tierlift YAML or DeepSpeed JSON")
-    p.add_argument("--world-size", type=int, default=None, help="ranks (default run.nproc), all on one node")
+    p.add_argument("--world-size", type=int, default=None, help="ranks in all (default run.nproc)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="ranks sharing one node's host memory, disk and cores (default: all on one node)")
     p.add_argument("--gpu-budget", type=parse_bytes, metavar="BYTES", help="per rank, e.g. 24GiB (0 = unbounded)")
     p.add_argument("--host-budget", type=parse_bytes, metavar="BYTES", help="pinned host memory per rank")
     p.add_argument("--nvme-budget", type=parse_bytes, metavar="BYTES", help="NVMe bytes per rank")
@@ -61,15 +63,22 @@ def _kinds(path: str, cfg) -> tuple[str, str]:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from tierlift.errors import ConfigError
-    from tierlift.parallel.layout import plan_chunks
+    from tierlift.layout import plan_chunks
     from tierlift.parallel.units import default_wrap_classes, find_units
-    from tierlift.runtime.config import TrainConfig
-    from tierlift.runtime.plan_config import build_meta, plan_for_config
+    from tierlift.runtime.config import TrainConfig, resolve_batch_sizes
+    from tierlift.offload.execplan import place_chunks
+    from tierlift.runtime.plan_config import build_meta, execution_plan_for, plan_for_config
 
+    for flag, value in (("--world-size", args.world_size), ("--ranks-per-node", args.ranks_per_node)):
+        if value is not None and value < 1:  # before reading anything: 0 is not "the default"
+            raise ConfigError("must be >= 1.", setting=flag, value=value, fix="give a number of ranks, 1 or more.")
     cfg = TrainConfig.load(args.config)
-    world = args.world_size or cfg.run.nproc
-    if world < 1:
-        raise ConfigError("must be >= 1.", setting="--world-size", value=world, fix="give the number of ranks.")
+    world = args.world_size if args.world_size is not None else cfg.run.nproc
+    rpn = args.ranks_per_node if args.ranks_per_node is not None else world
+    if rpn > world:
+        raise ConfigError(f"is more than the {world} rank(s) in all.", setting="--ranks-per-node", value=rpn,
+                          fix=f"give at most --world-size ({world}).")
+    cfg = resolve_batch_sizes(cfg, world)[0]  # a micro-batch a DeepSpeed train_batch_size leaves to the world size
     notes: list[str] = []
     model = build_meta(cfg, notes)
     units = find_units(model, list(cfg.zero.wrap) or default_wrap_classes(model))
@@ -79,26 +88,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     overrides = {t: getattr(args, f"{t}_budget") for t in ("gpu", "host", "nvme")}
     try:
         result = plan_for_config(cfg, layout, units, world, notes, opt_kind=opt_kind, param_kind=param_kind,
-                                 budget_overrides={k: v for k, v in overrides.items() if v is not None})
+                                 budget_overrides={k: v for k, v in overrides.items() if v is not None},
+                                 ranks_per_node=rpn)
     except ConfigError as exc:
         if exc.setting and exc.setting.endswith("budget_bytes"):
             exc.fix = (exc.fix or "") + " Flags: --gpu-budget, --host-budget, --nvme-budget (e.g. 24GiB)."
             exc.args = (exc.render(),)
         raise
     if args.as_configured and result.optimizer_kind == "nvme":
-        from itertools import accumulate
-        cap = getattr(cfg.offload.optimizer, "max_in_cpu", 0)  # NVMeOffload places chunks in order until it runs out
-        k = sum(1 for total in accumulate(p.shard_numel for p in result.placements) if total <= cap)
-        result = result.replan(host_chunks=k)
-        notes.append(f"as configured: max_in_cpu={cap:,} keeps {k} chunk(s) in host memory")
+        cap = getattr(cfg.offload.optimizer, "max_in_cpu", 0)  # the engine's rule: offload/execplan.place_chunks
+        result = result.replan(optimizer_tiers=place_chunks([p.shard_numel for p in result.placements], cap))
+        notes.append(f"as configured: max_in_cpu={cap:,} keeps {result.host_chunks} chunk(s) in host memory")
         result = replace(result, notes=tuple(notes))
     if result.optimizer_kind == "nvme" and opt_kind == "auto":
         notes.append("optimizer state goes partly to NVMe: set offload.optimizer: {kind: nvme, path: DIR}")
         result = replace(result, notes=tuple(notes))
+    execution = execution_plan_for(cfg, layout, result, gpu=cfg.run.device != "cpu")  # what rank 0's engine runs
     if args.json:
         for n in result.notes:
             print(f"tierlift plan: {n}", file=sys.stderr)
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "execution": execution.to_dict()}, indent=2))
     else:
-        sys.stdout.write(result.to_table())
+        sys.stdout.write(result.to_table() + "\n" + execution.to_table())
     return 0

@@ -12,7 +12,8 @@ with the dead peer would otherwise hang until the process-group timeout.
 
 Output: two reader threads per rank copy stdout and stderr to the console,
 each line (or carriage-return progress update) prefixed ``[rank N]`` when there
-is more than one rank, and to ``log_dir/rank-N.log``.
+is more than one rank, and to ``log_dir/rank-N.log``.  The console comes first:
+a log that cannot be written (a full disk) costs one warning, never a rank's lines.
 """
 
 from __future__ import annotations
@@ -28,15 +29,73 @@ import time
 from typing import IO, Mapping, Sequence
 
 from tierlift.errors import LaunchError
-from tierlift.launch.env import DistEnv, usable_cores
 from tierlift.launch.ports import resolve_master_port
+from tierlift.parallel.env import RANK_PREFIX_ENV, DistEnv, usable_cores
 
-__all__ = ["launch_local", "rank_env", "pump_lines"]
+__all__ = ["launch_local", "rank_env", "pump_lines", "RankLog"]
 
 _POLL_S = 0.1  # how often the launcher checks for exited ranks
 _JOIN_S = 5.0  # how long to wait for a rank's output after it exits (grandchildren may keep the pipe)
 
 _console_lock = threading.Lock()
+
+
+class RankLog:
+    """One rank's log file, shared by its stdout and stderr pumps.
+
+    The first failed write or open (ENOSPC, EIO, a vanished mount) prints one
+    warning to the console and turns the log off; the pumps keep copying every
+    line to the console.  ``close`` never raises: bytes still buffered when
+    the disk is full are lost from the log, not from the console.
+    """
+
+    def __init__(self, path: str, console: IO[str] | None = None) -> None:
+        self.path = path
+        self.console = console
+        self.lock = threading.Lock()  # whole segments: stdout and stderr share the file
+        self.file: IO[bytes] | None = None
+        try:
+            self.file = _open_log(path)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        f, self.file = self.file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+        console = self.console or sys.stderr
+        with contextlib.suppress(OSError, ValueError), _console_lock:
+            console.write(f"tierlift: warning: cannot write {self.path} ({exc.strerror or exc}); "
+                          f"this rank's output continues on the console only.\n")
+            console.flush()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            if self.file is None:
+                return
+            try:
+                self.file.write(data)
+                self.file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def flush(self) -> None:  # write() flushes; here for pump_lines' file protocol
+        pass
+
+    def close(self) -> None:
+        with self.lock:
+            if self.file is not None:
+                try:
+                    self.file.close()
+                except OSError as exc:
+                    self._fail(exc)
+                self.file = None
+
+
+def _open_log(path: str) -> IO[bytes]:
+    # Append: a resumed run keeps the earlier attempt's output in the same file.
+    return open(path, "ab")
 
 
 # A segment ends after "\n", or after a "\r" that is not part of "\r\n" (a
@@ -96,6 +155,9 @@ def rank_env(dist_env: DistEnv, *, nproc: int, base: Mapping[str, str] | None = 
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // dist_env.local_world_size)))
     if run_dir is not None:
         env["TIERLIFT_RUN_DIR"] = os.path.abspath(run_dir)
+    env.pop(RANK_PREFIX_ENV, None)  # inherited from an outer launch: not this launcher's doing
+    if nproc > 1:  # the same condition under which launch_local and the Ray worker prefix lines
+        env[RANK_PREFIX_ENV] = "1"
     return env
 
 
@@ -137,14 +199,41 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _wait_for_outcome(procs: Sequence[subprocess.Popen], peer_lost_code: int | None, grace_s: float) -> int:
+    """Poll the ranks until all exited 0 (returns 0) or one failed (returns its code).
+
+    A rank exiting with ``peer_lost_code`` only lost a peer that failed first, so
+    for up to ``grace_s`` the launcher waits for the peer's own failure and
+    returns that code instead.
+    """
+    deadline = None
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [_exit_code(c) for c in codes if c not in (None, 0)]
+        primary = [c for c in failed if c != peer_lost_code]
+        if primary:
+            return primary[0]
+        if failed and deadline is None:
+            deadline = time.monotonic() + grace_s
+        if None not in codes or (deadline is not None and time.monotonic() >= deadline):
+            if failed:
+                print("tierlift: error: rank(s) lost the connection to the other ranks and no rank said why. "
+                      "Fix: rerun with --debug for each rank's traceback, and check that no rank was killed "
+                      "(e.g. `dmesg` for the out-of-memory killer).", file=sys.stderr)
+            return failed[0] if failed else 0
+        time.sleep(_POLL_S)
+
+
 def launch_local(cmd: list[str], nproc: int, *, env_extra: Mapping[str, str] | None = None,
                  log_dir: str | None = None, master_port: int = 0, run_dir: str | None = None,
                  nnodes: int = 1, node_rank: int = 0, grace_s: float = 5.0,
-                 port_setting: str = "--master-port") -> int:
+                 port_setting: str = "--master-port", peer_lost_code: int | None = None) -> int:
     """Run ``cmd`` as ``nproc`` ranks on this machine; return the job's exit code.
 
     0 when every rank exits 0; otherwise the exit code of the first rank seen
     failing (128 + N for death by signal N), after the other ranks were stopped.
+    ``peer_lost_code``: the exit code by which a rank says it failed only because
+    a peer went away (``tierlift train``'s workers); another rank's code wins.
     ``nnodes``/``node_rank`` are the seam for multi-node; only one node is
     implemented here.
     """
@@ -157,11 +246,14 @@ def launch_local(cmd: list[str], nproc: int, *, env_extra: Mapping[str, str] | N
         raise LaunchError("the local launcher runs on one node only.", setting="--nnodes", value=nnodes,
                           fix="use --backend ray for multi-node runs.")
     port = resolve_master_port(master_port, "127.0.0.1", setting=port_setting)
-    logs: list[IO[bytes] | None] = [None] * nproc
+    logs: list[RankLog | None] = [None] * nproc
     if log_dir is not None:
-        os.makedirs(log_dir, exist_ok=True)
-        # Append: a resumed run keeps the earlier attempt's output in the same file.
-        logs = [open(os.path.join(log_dir, f"rank-{r}.log"), "ab") for r in range(nproc)]
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(f"cannot create the log directory: {exc.strerror or exc}.", setting="--run-dir",
+                              value=os.path.dirname(log_dir), fix="give a writable run directory.") from None
+        logs = [RankLog(os.path.join(log_dir, f"rank-{r}.log"), sys.stderr) for r in range(nproc)]
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     interrupted: list[int] = []
@@ -195,16 +287,7 @@ def launch_local(cmd: list[str], nproc: int, *, env_extra: Mapping[str, str] | N
                 t.start()
                 pumps.append(t)
 
-        failed: int | None = None
-        while failed is None and any(p.poll() is None for p in procs):
-            for p in procs:
-                if p.poll() not in (None, 0):
-                    failed = _exit_code(p.returncode)
-                    break
-            else:
-                time.sleep(_POLL_S)
-        if failed is None:  # all exited; one may have failed in the last interval
-            failed = next((_exit_code(p.returncode) for p in procs if p.returncode != 0), 0)
+        failed = _wait_for_outcome(procs, peer_lost_code, grace_s)
         if failed:
             _stop_all(procs, grace_s)
         if interrupted:

@@ -16,7 +16,7 @@ import socket
 
 from tierlift.errors import LaunchError
 
-__all__ = ["find_free_port", "check_port_free", "resolve_master_port", "is_loopback"]
+__all__ = ["find_free_port", "check_port_free", "resolve_master_port"]
 
 _FIX_PORT = "choose another port or 0 to pick a free one."
 
@@ -26,16 +26,6 @@ def _family(host: str) -> int:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:  # a host name: let the resolver decide, IPv4 first
         return socket.AF_INET
-
-
-def is_loopback(host: str) -> bool:
-    """True for an IP literal in 127.0.0.0/8 or ::1.  Names (even "localhost")
-    are False: they may resolve to either family, so nothing may be bound to one
-    specific loopback address on their behalf."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

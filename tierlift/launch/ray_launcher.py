@@ -13,7 +13,7 @@ set before Ray is imported and inherited by every Ray process, makes Ray use
 127.0.0.1 as the node address and all its listeners bind there.  The one
 listener Ray does not control is torch's rendezvous store, which binds "::"
 under ``env://``; the process group is therefore created by
-``tierlift.launch.env.init_distributed`` (through ``_TierliftTorchBackend``, a
+``tierlift.parallel.env.init_distributed`` (through ``_TierliftTorchBackend``, a
 Ray Train backend hook), which binds the store to the loopback MASTER_ADDR.
 Token authentication (on by default in 2.60) stays on, with a fresh token per
 run passed in the environment instead of one written to ``~/.ray``.
@@ -37,9 +37,9 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 from tierlift.errors import LaunchError, TierliftError
-from tierlift.launch.env import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, usable_cores
-from tierlift.launch.local import pump_lines, rank_env
+from tierlift.launch.local import RankLog, pump_lines, rank_env
 from tierlift.launch.ports import check_port_free, resolve_master_port
+from tierlift.parallel.env import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, usable_cores
 
 __all__ = ["launch_ray", "CommandFailed"]
 
@@ -214,7 +214,7 @@ def _run_command(spec: Mapping[str, Any], env: DistEnv) -> None:
     log = None
     if spec["run_dir"]:
         os.makedirs(os.path.join(spec["run_dir"], "logs"), exist_ok=True)
-        log = open(os.path.join(spec["run_dir"], "logs", f"rank-{env.rank}.log"), "ab")
+        log = RankLog(os.path.join(spec["run_dir"], "logs", f"rank-{env.rank}.log"), sys.stderr)
     try:
         p = subprocess.Popen(spec["cmd"], env=child_env, cwd=spec["cwd"], stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)

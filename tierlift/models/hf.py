@@ -17,7 +17,9 @@ computes in fp32.  So:
   with ``from_pretrained``;
 * ``_no_split_modules`` is the class's own (e.g. ``["LlamaDecoderLayer"]``).
 
-Code that wants HF's shifting loss back can ``del model._loss_function``.
+The same rule holds for a HF causal LM a user passes to the Trainer, which
+applies it too; data with HF's unshifted labels is refused
+(:mod:`tierlift.models.labels`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tierlift.errors import ConfigError
 from tierlift.models.config import ModelConfig
 from tierlift.models.layers import aligned_lm_loss
 
-__all__ = ["build_hf_model", "use_aligned_labels", "WEIGHT_FILES"]
+__all__ = ["build_hf_model", "load_hf_config", "use_aligned_labels", "WEIGHT_FILES"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,21 @@ def _reject_typos(config: Any, spec: dict[str, Any]) -> None:
                               value=spec[key], fix=f"did you mean {hint!r}?")
         log.warning("model.hf_config.%s=%r is not declared by %s; it only has an effect if the model "
                     "reads it.", key, spec[key], type(config).__name__)
+
+
+def load_hf_config(cfg: ModelConfig) -> Any:
+    """The ``transformers`` config of a kind-"hf" model: ``cfg.hf_config`` through
+    ``AutoConfig.for_model``, or ``hf_path``'s config.json (offline); no weights."""
+    transformers = _import_transformers()
+    if cfg.hf_config:
+        return _config_from_dict(transformers, cfg.hf_config)
+    path = _resolve_path(cfg.hf_path)
+    try:
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"has a config.json transformers {transformers.__version__} cannot read: {exc}",
+                          setting="model.hf_path", value=path,
+                          fix="point model.hf_path at a save_pretrained output of a supported causal LM.") from exc
 
 
 def _resolve_path(path: str) -> str:

@@ -1,12 +1,14 @@
 """Mixture-of-experts reference GPT: top-k routed SwiGLU experts in every block.
 
 Each expert is its own module (:class:`Expert`), hence its own wrap unit and
-chunk, nested inside its block's unit.  The stage-3 engine gathers a unit's
-parameters when that unit's forward runs, so an expert that receives no token
-in a forward must not be called at all: that is what makes "move only routed
-experts" work, and the dispatch below guarantees it.  The price is one host
-sync per MoE layer (the per-expert token counts decide which experts run),
-the same one Mixtral's eager dispatch pays.
+chunk, nested inside its block's unit.  The stage-3 engine gathers and reduces a
+block's chunks together, its experts' included, whether or not a token is routed
+to them: collectives must run in the same order on every rank, and each rank routes
+differently (docs/zero.md, "A unit's nested units").  The dispatch below calls only
+the experts that receive a token, so compute follows the routing; moving only
+routed experts is left to the host/NVMe tiers, where no collective is involved.
+The price of the dispatch is one host sync per MoE layer (the per-expert token
+counts decide which experts run), the same one Mixtral's eager dispatch pays.
 
 Parameter names: ``layers.N.mlp.router.weight`` (E, d) and
 ``layers.N.mlp.experts.E.{gate,up,down}_proj.weight``.

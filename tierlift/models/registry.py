@@ -12,6 +12,9 @@ from torch import nn
 from tierlift._configbase import nearest
 from tierlift.errors import ConfigError
 from tierlift.models.config import ModelConfig
+from tierlift.models.gpt import GPT
+from tierlift.models.hf import build_hf_model
+from tierlift.models.moe import MoEGPT
 
 __all__ = ["build_model", "count_params", "wrap_class_names"]
 
@@ -37,14 +40,11 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def _build(cfg: ModelConfig) -> nn.Module:
     if cfg.kind == "gpt":
-        from tierlift.models.gpt import GPT
         return GPT(cfg)
     if cfg.kind == "moe-gpt":
-        from tierlift.models.moe import MoEGPT
         return MoEGPT(cfg)
     if cfg.kind == "hf":
-        from tierlift.models.hf import build_hf_model  # imports transformers only now
-        return build_hf_model(cfg)
+        return build_hf_model(cfg)  # imports transformers only now
     raise ConfigError("is not a valid choice.", setting="model.kind", value=cfg.kind,
                       fix="use one of ['gpt', 'moe-gpt', 'hf'].")
 

@@ -139,6 +139,17 @@ def key_to_json(key: Hashable) -> Any:
     raise TypeError(f"extent key {key!r} cannot go to JSON: use str, int or tuples of them")
 
 
+def describe_extent(e: Extent) -> str:
+    """Where an extent is, for error messages: what it holds, its file offset and length.
+    Keys of optimizer state are ``(chunk, kind, first element)``."""
+    k = e.key
+    if isinstance(k, tuple) and len(k) == 3 and isinstance(k[0], int) and isinstance(k[2], int):
+        what = f"chunk {k[0]} {k[1]} from element {k[2]}"
+    else:
+        what = f"key {k!r}"
+    return f"extent {what} (file offset {e.offset}, {e.nbytes} bytes)"
+
+
 def key_from_json(v: Any) -> Hashable:
     return tuple(key_from_json(x) for x in v) if isinstance(v, list) else v
 

@@ -28,8 +28,9 @@ tail then goes through a small aligned bounce buffer.
 
 Integrity: a crc32 per block (``block_size`` bytes of payload) of every extent
 written, computed in the I/O threads, kept in memory and saved by ``flush()`` in
-a sidecar JSON; ``verify=True`` (debug mode, checkpoint load) checks reads
-against it and a mismatch raises :class:`ChecksumError` from ``wait()``.
+a sidecar JSON; ``verify=True`` (what optimizer state uses unless
+``offload.optimizer.verify: false``) checks every read against it on the same I/O
+thread that read the bytes, and a mismatch raises :class:`ChecksumError` from ``wait()``.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ from typing import Any, Hashable
 
 import torch
 
-from tierlift.errors import TierliftError
-from tierlift.offload.extents import IO_ALIGN, ExtentPlan
+from tierlift.offload.extents import IO_ALIGN, ExtentPlan, describe_extent
 from tierlift.offload.nvme_aio import LibaioBackend, load_deepspeed_aio
-from tierlift.offload.nvme_io import IOHandle, NVMeStats
+from tierlift.offload.nvme_exit import stop_workers_at_exit
+from tierlift.offload.nvme_io import FIX_DISK, ChecksumError, IOHandle, NVMeError, NVMeStats, aligned_empty
 from tierlift.offload.policy import AioConfig
 
 __all__ = ["NVMeError", "ChecksumError", "NVMeStats", "IOHandle", "NVMeFile", "aligned_empty",
@@ -61,32 +62,10 @@ __all__ = ["NVMeError", "ChecksumError", "NVMeStats", "IOHandle", "NVMeFile", "a
 log = logging.getLogger(__name__)
 
 _SIDECAR_FORMAT = "tierlift-extents/1"
-_FIX_DISK = "check `dmesg` and the disk's health (smartctl/nvme smart-log) and move {setting} to a healthy disk."
-
-
-class NVMeError(TierliftError):
-    """The extent file cannot be created, read or written."""
-
-
-class ChecksumError(NVMeError):
-    """Data read back differs from what was written: the read buffer must not be used."""
 
 
 def extent_file_name(rank: int) -> str:
     return f"tierlift-rank{rank:05d}.extents"
-
-
-def aligned_empty(nbytes: int, align: int = IO_ALIGN) -> torch.Tensor:
-    """Uninitialised uint8 host tensor of ``nbytes`` whose data starts ``align``-aligned.
-
-    Over-allocates by ``align`` bytes and slices at the first aligned address (the
-    view keeps the allocation alive).  Not page-locked: pin it (cudaHostRegister)
-    or take a slab of the pinned pool where H2D speed matters."""
-    if nbytes < 0 or align <= 0 or align & (align - 1):
-        raise ValueError(f"aligned_empty: need nbytes >= 0 and a power-of-two align, got {nbytes}, {align}")
-    base = torch.empty(nbytes + align, dtype=torch.uint8)
-    skip = -base.data_ptr() % align
-    return base[skip:skip + nbytes]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -156,6 +135,7 @@ class NVMeFile(LibaioBackend):
                          for i in range(n)]
         for t in self._workers:
             t.start()
+        stop_workers_at_exit(self)  # none may be inside a torch op when Python finalizes
 
     # ------------------------------------------------------------------ open
     def _open(self, direct: bool | None, existing: bool) -> None:
@@ -408,16 +388,17 @@ class NVMeFile(LibaioBackend):
         if len(got) != len(want):
             raise ChecksumError(f"extent {h.key!r} of {self.path}: {len(want)} checksums stored for "
                                 f"{h.nbytes} bytes in {granule}-byte granules; the sidecar is inconsistent.",
-                                fix=_FIX_DISK.format(setting=self.setting))
+                                fix=FIX_DISK.format(setting=self.setting))
         for i, (a, b) in enumerate(zip(got, want)):
             if a != b:
                 lo = i * granule
                 hi = min(lo + granule, h.nbytes)
                 raise ChecksumError(
-                    f"checksum mismatch in extent {h.key!r} of {self.path}: payload bytes [{lo}, {hi}) at file "
-                    f"offset {h.extent.offset + lo} read back with crc32 {a:#010x}, written with {b:#010x}; "
-                    "the data on disk is corrupt and the read buffer must not be used.",
-                    fix=_FIX_DISK.format(setting=self.setting) + " On checkpoint load, use an earlier checkpoint.")
+                    f"checksum mismatch reading {self.path}, {describe_extent(h.extent)}: its bytes [{lo}, {hi}) "
+                    f"(file offset {h.extent.offset + lo}) read back with crc32 {a:#010x}, expected {b:#010x} as "
+                    "written; the data on disk is corrupt and was not used.", setting=self.setting, value=self.dir,
+                    fix=FIX_DISK.format(setting=self.setting) + " Then resume from the last checkpoint "
+                        "(its NVMe-resident state was verified when it was saved).")
 
     def _crcs(self, mv: memoryview, nbytes: int, granule: int) -> list[int]:
         t0 = time.perf_counter()
@@ -530,7 +511,7 @@ class NVMeFile(LibaioBackend):
         elif e.errno == errno.EINVAL and self.direct:
             fix = "the device's logical block may exceed 4096 bytes; open the file with direct=False."
         else:
-            fix = _FIX_DISK.format(setting=self.setting)
+            fix = FIX_DISK.format(setting=self.setting)
         name = errno.errorcode.get(e.errno or 0, "error")
         return NVMeError(f"{name} ({e.strerror}) in {where}.", setting=self.setting, value=self.dir, fix=fix)
 

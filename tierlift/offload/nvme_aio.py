@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from tierlift.offload.extents import IO_ALIGN
+from tierlift.offload.nvme_io import FIX_DISK, NVMeError, aligned_empty
 
 __all__ = ["LibaioBackend", "load_deepspeed_aio"]
 
 
 class LibaioBackend:
     def _aio_setup(self) -> None:
-        from tierlift.offload.nvme import aligned_empty
         a, op = self.aio, self._aio_op
         # DeepSpeed splits one call evenly over intra_op_parallelism threads, so the part of
         # an extent given to the main handle is a multiple of threads x 4 KiB; the rest goes
@@ -42,7 +42,6 @@ class LibaioBackend:
         pool.shutdown()
 
     def _aio_extent(self, h, main: Any, tail: Any, pool: ThreadPoolExecutor, bounce: torch.Tensor) -> None:
-        from tierlift.offload.nvme import _FIX_DISK, NVMeError
         e, u8, write = h.extent, h._u8, h.op == "write"
         unit = IO_ALIGN * self.aio.threads
         m = h._cover - h._cover % unit
@@ -72,7 +71,7 @@ class LibaioBackend:
             for handle, k in counts.values():  # never leave the handle with ops in flight on our buffer
                 if handle.wait() != k and h.error is None:
                     h.error = NVMeError(f"DeepSpeed aio completed fewer {h.op}s than submitted for extent "
-                                        f"{h.key!r} of {self.path}.", fix=_FIX_DISK.format(setting=self.setting))
+                                        f"{h.key!r} of {self.path}.", fix=FIX_DISK.format(setting=self.setting))
             self._io_end(h.op, e.padded, nb)
         if not write:
             if valid:
@@ -92,7 +91,6 @@ class LibaioBackend:
 
 def load_deepspeed_aio() -> Any:
     """DeepSpeed's async_io op module (built just in time on first use)."""
-    from tierlift.offload.nvme import NVMeError
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
 

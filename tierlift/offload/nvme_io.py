@@ -1,4 +1,5 @@
-"""What the NVMe engine hands out: one handle per extent in flight, and counters."""
+"""What the NVMe engine and its backends share: one handle per extent in flight, counters,
+the error types and 4 KiB-aligned host buffers."""
 
 from __future__ import annotations
 
@@ -9,9 +10,33 @@ from typing import Any
 
 import torch
 
+from tierlift.errors import TierliftError
 from tierlift.offload.extents import IO_ALIGN, Extent
 
-__all__ = ["IOHandle", "NVMeStats"]
+__all__ = ["IOHandle", "NVMeStats", "NVMeError", "ChecksumError", "aligned_empty", "FIX_DISK"]
+
+FIX_DISK = "check `dmesg` and the disk's health (smartctl/nvme smart-log) and move {setting} to a healthy disk."
+
+
+class NVMeError(TierliftError):
+    """The extent file cannot be created, read or written."""
+
+
+class ChecksumError(NVMeError):
+    """Data read back differs from what was written: the read buffer must not be used."""
+
+
+def aligned_empty(nbytes: int, align: int = IO_ALIGN) -> torch.Tensor:
+    """Uninitialised uint8 host tensor of ``nbytes`` whose data starts ``align``-aligned.
+
+    Over-allocates by ``align`` bytes and slices at the first aligned address (the
+    view keeps the allocation alive).  Not page-locked: pin it (cudaHostRegister)
+    or take a slab of the pinned pool where H2D speed matters."""
+    if nbytes < 0 or align <= 0 or align & (align - 1):
+        raise ValueError(f"aligned_empty: need nbytes >= 0 and a power-of-two align, got {nbytes}, {align}")
+    base = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = -base.data_ptr() % align
+    return base[skip:skip + nbytes]
 
 
 @dataclass

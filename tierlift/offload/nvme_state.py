@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from tierlift.offload.extents import plan_extents, split_pieces
+from tierlift.offload.nvme import NVMeFile, aligned_empty
 
 __all__ = ["NVMeStateStore", "Staged", "DEFAULT_PIECE_NUMEL"]
 
@@ -51,13 +52,14 @@ class NVMeStateStore:
 
     def __init__(self, path: str, rank: int, shard_numels: list[int], kinds: tuple[str, ...], aio,
                  alloc: Callable, buffer_count: int, piece_numel: int, setting: str,
-                 param_dtype: torch.dtype | None = None) -> None:
+                 param_dtype: torch.dtype | None = None, verify: bool = True) -> None:
         """``kinds``: state names per chunk, the master first; ``alloc(sizes)`` returns
         (byte buffers, release callable) -- pinned when the caller pins.  ``param_dtype``:
         also keep every chunk's compute-dtype parameters here (extents ``(i, "param", lo)``),
         written with the state after each step and read by gathers; pieces must then
-        start 4 KiB-aligned in that dtype too (``piece_numel`` a multiple of 4096 / itemsize)."""
-        from tierlift.offload.nvme import NVMeFile
+        start 4 KiB-aligned in that dtype too (``piece_numel`` a multiple of 4096 / itemsize).
+        ``verify``: every read is checked against the crc32 of its last write (on the I/O
+        threads); a mismatch raises ``nvme.ChecksumError`` from the read's ``wait()``."""
 
         self.kinds = kinds
         self.piece_numel = piece_numel
@@ -70,7 +72,7 @@ class NVMeStateStore:
         if param_dtype is not None:
             items += [((i, "param", lo), (hi - lo) * self._param_item) for i, ps in enumerate(self.pieces)
                       for lo, hi in ps]
-        self.file = NVMeFile(path, rank, plan_extents(items), aio, setting=setting)
+        self.file = NVMeFile(path, rank, plan_extents(items), aio, setting=setting, verify=verify)
         self._alloc = alloc
         self.buffer_count = buffer_count
         self._free: list[list[torch.Tensor]] = []
@@ -198,7 +200,7 @@ class NVMeStateStore:
 
 class PieceCursor:
     """Element ranges of NVMe-resident state, read and written through one cached piece
-    per kind: what checkpoints stream through (``checkpoint_io.StreamedTensor``), so
+    per kind: what checkpoints stream through (``tierlift.state.StreamedTensor``), so
     saving or resuming holds ``kinds x piece`` bytes of it, never a whole chunk.
 
     Ranges must come in ascending order per kind for each piece to be read once.
@@ -206,7 +208,6 @@ class PieceCursor:
     checkpoint does not cover, e.g. padding, keep their values)."""
 
     def __init__(self, store: NVMeStateStore) -> None:
-        from tierlift.offload.nvme import aligned_empty
 
         self.store = store
         self._bufs = {k: aligned_empty(store.piece_numel * 4).view(torch.float32) for k in store.kinds}

@@ -35,23 +35,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from tierlift.layout import Chunk
 from tierlift.offload.backlog import GradBacklog, PendingGrad
+from tierlift.offload.execplan import nvme_piece_numel, optimizer_tiers_for
+from tierlift.offload.nvme import aligned_empty
+from tierlift.offload.nvme_state import NVMeStateStore, Staged
 from tierlift.offload.optimizer_state import HostStateMixin, Tier
-from tierlift.offload.policy import CPUOffload, NVMeOffload, OffloadConfig
-from tierlift.parallel.config import OptimizerConfig
-from tierlift.parallel.layout import Chunk
-from tierlift.parallel.optim import ShardOptimizer
-
-if TYPE_CHECKING:
-    from tierlift.offload.nvme_state import Staged
+from tierlift.offload.pinned import PinnedPool
+from tierlift.offload.policy import NVMeOffload, OffloadConfig
+from tierlift.offload.scratch import release_at_exit
+from tierlift.offload.shard_optim import OptimizerConfig, ShardOptimizer
 
 __all__ = ["OffloadedOptimizer", "Tier"]
 
@@ -88,7 +89,9 @@ class OffloadedOptimizer(HostStateMixin):
 
     def __init__(self, chunks: list[Chunk], rank: int, masters: list[torch.Tensor], optim: OptimizerConfig,
                  offload: OffloadConfig, compute_dtype: torch.dtype, device: torch.device,
-                 deferred: bool) -> None:
+                 deferred: bool, placement: tuple[str, ...] | None = None) -> None:
+        """``placement``: "host" or "nvme" per chunk, from the engine's ExecutionPlan
+        (offload/execplan.py); None: the placement rule over the config's max_in_cpu."""
         self.optim_cfg = optim
         self.kinds = ("exp_avg", "exp_avg_sq") if optim.name == "adamw" else ("momentum",)
         self.device = device
@@ -106,10 +109,14 @@ class OffloadedOptimizer(HostStateMixin):
         self._ring, self._ring_free, self._ring_cv = None, [], threading.Condition()
         self._early_reads: dict[tuple[int, int], Staged] = {}  # (chunk, piece lo) -> reads issued at staging
         pin = device.type == "cuda" and getattr(policy, "pin_memory", True)
-        tiers = self._place(chunks, policy)
+        if placement is None:
+            placement = optimizer_tiers_for(policy.KIND, [c.shard_numel for c in chunks],
+                                            getattr(policy, "max_in_cpu", 0))
+        tiers = [Tier(t) for t in placement]
+        if len(tiers) != len(chunks) or (Tier.NVME in tiers and not isinstance(policy, NVMeOffload)):
+            raise ValueError(f"placement {placement} does not fit {len(chunks)} chunks under {policy}")
         host_bytes = sum(self._host_bytes(c, t) for c, t in zip(chunks, tiers))
         if pin:
-            from tierlift.offload.pinned import PinnedPool
             self.pool = PinnedPool(offload.host_budget_bytes, device=device)
         self.chunks: list[_HostChunk] = []
         for j, (c, tier) in enumerate(zip(chunks, tiers)):
@@ -149,21 +156,7 @@ class OffloadedOptimizer(HostStateMixin):
         self._worker = threading.Thread(target=self._loop, name=f"tierlift-hostopt-r{rank}", daemon=True)
         self._worker.start()
 
-    # -- placement -------------------------------------------------------------
-    def _place(self, chunks: list[Chunk], policy) -> list[Tier]:
-        if isinstance(policy, CPUOffload):
-            return [Tier.HOST] * len(chunks)
-        assert isinstance(policy, NVMeOffload)
-        budget = policy.max_in_cpu  # elements whose state may stay in host memory
-        tiers = []
-        for c in chunks:
-            if budget >= c.shard_numel:
-                budget -= c.shard_numel
-                tiers.append(Tier.HOST)
-            else:
-                tiers.append(Tier.NVME)
-        return tiers
-
+    # -- host memory -------------------------------------------------------------
     def _host_bytes(self, c: Chunk, tier: Tier) -> int:
         n = c.shard_numel
         if tier is Tier.HOST:
@@ -182,7 +175,6 @@ class OffloadedOptimizer(HostStateMixin):
                     r.free()
                 slab.release()
             return [r.view(torch.uint8) for r in regions], release
-        from tierlift.offload.nvme import aligned_empty
         return [aligned_empty(s) for s in sizes], lambda: None  # pageable: freed with the last reference
 
     def _alloc_state(self, hc: _HostChunk) -> None:
@@ -221,15 +213,14 @@ class OffloadedOptimizer(HostStateMixin):
             self._ring_cv.notify()
 
     def _open_nvme(self, chunks, masters, rank) -> None:
-        from tierlift.offload.nvme_state import DEFAULT_PIECE_NUMEL, NVMeStateStore
-        # Pieces start 4 KiB-aligned (O_DIRECT straight into slices of full-chunk buffers),
-        # in fp32 state and, with parameters on NVMe, in the compute dtype too.
-        align = 4096 // min(4, self.compute_dtype.itemsize) if self.params_on_nvme else 1024
-        piece = max(align, self.policy.buffer_size // align * align) if self.policy.buffer_size else DEFAULT_PIECE_NUMEL
+        piece = nvme_piece_numel(self.policy.buffer_size, self.params_on_nvme, self.compute_dtype.itemsize)
+        fresh_dir = not os.path.isdir(self.policy.path)
         self.nvme = NVMeStateStore(self.policy.path, rank, [c.shard_numel for c in chunks], ("master",) + self.kinds,
                                    self.policy.aio, self._alloc, self.policy_buffer_count, piece,
-                                   setting="offload.optimizer.path",
+                                   setting="offload.optimizer.path", verify=self.policy.verify,
                                    param_dtype=self.compute_dtype if self.params_on_nvme else None)
+        release_at_exit(self.nvme.file, keep=self.policy.keep_files, created_dir=fresh_dir,
+                        setting="offload.optimizer.path")
         self._ensure_staging()
         # Initial state of NVMe-tier chunks: master from the model, zero moments, a piece
         # at a time through one staging set.

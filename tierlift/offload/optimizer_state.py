@@ -15,6 +15,10 @@ import enum
 
 import torch
 
+from tierlift.offload.nvme import aligned_empty
+from tierlift.offload.nvme_state import PieceCursor
+from tierlift.state import StreamedTensor
+
 __all__ = ["Tier", "HostStateMixin"]
 
 # Pinned slots for parameters read from NVMe: reads run ahead of the gathers (prefetch
@@ -31,15 +35,18 @@ class HostStateMixin:
     def move_to_nvme(self, indices: list[int]) -> list[int]:
         """Write the state of host-tier chunks ``indices`` to their extents and free their
         host buffers (a policy decision under host-memory pressure).  At a step boundary
-        only; returns the chunks that moved."""
+        only; returns the chunks that moved.  A chunk that is not in host memory is an
+        error, not a no-op: the decision was taken on a wrong view of the placement."""
         if self.nvme is None:
             raise RuntimeError("move_to_nvme needs offload.optimizer of kind nvme")
+        wrong = [(i, self.chunks[i].tier.value) for i in indices if self.chunks[i].tier is not Tier.HOST]
+        if wrong:
+            raise ValueError(f"move_to_nvme({list(indices)}): chunk {wrong[0][0]}'s optimizer state is in "
+                             f"{wrong[0][1]}, not in host memory; only host-tier chunks can move")
         self.wait_all()
         moved = []
         for i in indices:
             hc = self.chunks[i]
-            if hc.tier is not Tier.HOST:
-                continue
             self.nvme.write_chunk(i, [hc.master] + [hc.states[k] for k in self.kinds])
             if self.params_on_nvme:  # gathers now read the compute-dtype parameters from NVMe
                 self._write_params(i, hc.master)
@@ -52,6 +59,12 @@ class HostStateMixin:
             moved.append(i)
         self._ensure_staging()
         return moved
+
+    def placement(self) -> tuple[tuple[str, str], ...]:
+        """Per chunk, where its optimizer state is and where a gather finds its parameters
+        on this side of PCIe: host memory (the master or a compute-dtype copy) or NVMe."""
+        return tuple((hc.tier.value, "nvme" if hc.tier is Tier.NVME and self.params_on_nvme and hc.param16 is None
+                      else "host") for hc in self.chunks)
 
     def _ensure_staging(self) -> None:
         self.nvme.ensure_staging(max((hc.shard_numel for hc in self.chunks if hc.tier is Tier.NVME), default=0))
@@ -71,7 +84,6 @@ class HostStateMixin:
         hc = self.chunks[index]
         if hc.tier is Tier.HOST:
             return hc.master, hc.states
-        from tierlift.offload.nvme import aligned_empty
         views = [aligned_empty(hc.shard_numel * 4).view(torch.float32) for _ in range(1 + len(self.kinds))]
         self.nvme.read_chunk(index, views)
         return views[0], dict(zip(self.kinds, views[1:]))
@@ -81,8 +93,6 @@ class HostStateMixin:
         ``StreamedTensor``s reading and writing the extents through one cached piece
         per kind (checkpoints stream NVMe-resident state; see nvme_state.PieceCursor).
         Call ``finish_streamed`` after the last use."""
-        from tierlift.offload.nvme_state import PieceCursor
-        from tierlift.runtime.checkpoint_io import StreamedTensor
         assert self.chunks[index].tier is Tier.NVME, f"chunk {index} is not on NVMe"
         if getattr(self, "_cursor", None) is None:
             self.wait_all()
@@ -125,7 +135,6 @@ class HostStateMixin:
     def _write_params(self, index: int, master: torch.Tensor | None, cursor=None) -> None:
         """Write chunk ``index``'s compute-dtype parameters to NVMe from ``master`` (host
         fp32), or from the master on NVMe through ``cursor``, a piece at a time."""
-        from tierlift.offload.nvme import aligned_empty
         buf = aligned_empty(self.nvme.piece_numel * self.compute_dtype.itemsize).view(self.compute_dtype)
         for lo, hi in self.nvme.pieces[index]:
             src = master[lo:hi] if master is not None else cursor.read(index, "master", lo, hi)

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import torch
 
 from tierlift._configbase import check_choice
-from tierlift.offload.pinned import (MAX_ROUNDING_WASTE, PAGE, _allocate, _Backing, _empty_host_cache,
+from tierlift.offload.host_alloc import (MAX_ROUNDING_WASTE, PAGE, _allocate, _Backing, _empty_host_cache,
                                      _has_cap_ipc_lock, _map_and_touch, _memlock_text, _register, _round_up,
                                      hostalloc_pinned_bytes)
 

@@ -72,14 +72,21 @@ class NVMeOffload:
     sets piece by piece, so NVMe-resident state costs ``buffer_count x 12 B x
     buffer_size`` of host memory whatever the model size (0 = 16 Mi elements;
     rounded down to a multiple of 1024 so pieces start 4 KiB-aligned); max_in_cpu: elements whose state may stay in
-    host memory before the rest goes to NVMe (0 = none)."""
+    host memory before the rest goes to NVMe (0 = none); verify: check every read of the
+    extent file against the crc32 recorded when it was written (computed on the I/O
+    threads; a mismatch stops the run with an error naming file and extent);
+    keep_files: leave the extent files (scratch: checkpoints hold the resumable state)
+    in ``path`` when the process exits; by default they, and ``path`` itself when
+    tierlift created it and it is empty, are removed (``offload/scratch.py``)."""
 
     KIND = "nvme"
     path: str = ""
     pin_memory: bool = True
-    buffer_count: int = 8  # 8 x 192 MiB: enough read-ahead to keep a virtio disk busy (nvme_l1b_h100.md)
+    buffer_count: int = 8  # 8 x 192 MiB: enough read-ahead to keep a virtio disk busy (benchmarks/results/nvme_l1b_h100.md)
     buffer_size: int = 0
     max_in_cpu: int = 0
+    verify: bool = True
+    keep_files: bool = False
     aio: AioConfig = field(default_factory=AioConfig)
 
     def __post_init__(self) -> None:
@@ -128,6 +135,10 @@ class OffloadConfig:
         for name in ("host_budget_bytes", "gpu_budget_bytes", "nvme_budget_bytes", "grad_backlog_bytes"):
             v = getattr(self, name)
             check(v >= 0, f"offload.{name}", v, "must be >= 0.", "use 0 for no explicit budget.")
+        if isinstance(self.optimizer, NVMeOffload) and isinstance(self.param, NVMeOffload):
+            check(self.param.verify == self.optimizer.verify, "offload.param.verify", self.param.verify,
+                  f"differs from offload.optimizer.verify ({self.optimizer.verify}); parameters on NVMe live in "
+                  "the optimizer's extent file, whose reads one setting checks.", "set both to the same value.")
 
     @property
     def enabled(self) -> bool:

@@ -17,12 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "LocalComm", "DistComm", "current_comm", "all_gather_flat", "reduce_scatter_flat",
-           "backend_for"]
-
-
-def backend_for(device: torch.device) -> str:
-    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+__all__ = ["Comm", "LocalComm", "DistComm", "current_comm", "all_gather_flat", "reduce_scatter_flat"]
 
 
 class Comm:

@@ -1,4 +1,6 @@
-"""Config of the chunked ZeRO engine, its mixed precision and its shard optimizer."""
+"""Config of the chunked ZeRO engine and its mixed precision.  ``OptimizerConfig`` lives
+with the shard optimizer (``tierlift.offload.shard_optim``) and is handed on here, so the
+engine's three configs import from one place."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tierlift._configbase import check, check_choice
+from tierlift.offload.shard_optim import OptimizerConfig
 
 __all__ = ["ZeroConfig", "PrecisionConfig", "OptimizerConfig"]
 
@@ -47,6 +50,10 @@ class ZeroConfig:
         memory activations use (``offload/arena.py``).  Measured on L1B, the pool
         costs 1.4-1.7 GiB more peak reserved memory and the shared allocator's
         reserved - allocated levels off within a few steps: docs/zero.md.
+    rendezvous_timeout_s: seconds a collective outside fit() (a forward of the
+        sharded model, gathered_parameters, unwrap_model) waits for every rank to
+        enter it before failing with an error that says so (instead of hanging in
+        the all-gather until the process group's timeout); ``rendezvous.py``.
     """
 
     stage: int = 3
@@ -60,9 +67,13 @@ class ZeroConfig:
     sub_group_size: int = 0
     max_reuse_distance: int | None = None
     arena: Literal["shared", "pool"] = "shared"
+    rendezvous_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         check_choice("zero.stage", self.stage, [1, 2, 3])
+        check(isinstance(self.rendezvous_timeout_s, (int, float)) and self.rendezvous_timeout_s > 0,
+              "zero.rendezvous_timeout_s", self.rendezvous_timeout_s, "must be a number of seconds > 0.",
+              "use e.g. 120; raise it if ranks legitimately reach an eval forward minutes apart.")
         check_choice("zero.arena", self.arena, ["shared", "pool"])
         check(self.max_reuse_distance is None or self.max_reuse_distance >= 0, "zero.max_reuse_distance",
               self.max_reuse_distance, "must be an integer >= 0 (elements), or unset.",
@@ -105,28 +116,3 @@ class PrecisionConfig:
         check(self.min_loss_scale > 0, "precision.min_loss_scale", self.min_loss_scale,
               "must be > 0.", "use 1.0.")
         check(self.hysteresis >= 1, "precision.hysteresis", self.hysteresis, "must be >= 1.", "use 2.")
-
-
-@dataclass
-class OptimizerConfig:
-    """Optimizer applied to the fp32 shards.  Weight decay skips 1-D parameters
-    (biases, norm weights).  grad_clip: max global L2 norm, 0 = off."""
-
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    momentum: float = 0.9
-    grad_clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_choice("optimizer.name", self.name, ["adamw", "sgd"])
-        check(self.lr > 0, "optimizer.lr", self.lr, "must be > 0.", "use e.g. 3e-4.")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
-              self.betas, "must be two numbers in [0, 1).", "use [0.9, 0.95].")
-        check(self.eps > 0, "optimizer.eps", self.eps, "must be > 0.", "use 1e-8.")
-        check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0.", "use 0.1.")
-        check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1).", "use 0.9.")
-        check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "must be >= 0.",
-              "use 0 to disable clipping or a positive max norm such as 1.0.")

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from tierlift.offload.arena import ChunkArena
 from tierlift.parallel.chunks import Group, Residency, RuntimeChunk
 from tierlift.parallel.comm import all_gather_flat
 
@@ -49,22 +50,14 @@ class GatherMixin:
     """Gather / reshard of chunks for ``ZeroEngine`` (which owns the state these methods use)."""
 
     def _make_arena(self):
-        """The GPU chunk arena (``offload/arena.py``), planned from the layout; None on CPU or
-        with ``zero.arena: shared``.  Built after the initial reshard, once the model's setup
-        copies are released, so the pool is reserved from memory nothing else holds."""
+        """The GPU chunk arena (``offload/arena.py``) with the slots the engine's ExecutionPlan
+        planned; None on CPU or with ``zero.arena: shared``.  Built after the initial reshard,
+        once the model's setup copies are released, so the pool is reserved from memory
+        nothing else holds."""
         if self.device.type != "cuda" or self.cfg.arena == "shared":
             return None
-        from tierlift.offload.arena import ChunkArena, ChunkShape, plan_arena
         torch.cuda.empty_cache()  # the full model's setup copy, freed by the reshard above
-        group_of = {id(c): g.index for g in self.groups for c in g.chunks}
-        shapes = [ChunkShape(group_of.get(id(c), 0), c.spec.padded_numel, c.spec.shard_numel,
-                             c.spec.persistent or id(c) not in group_of or self.groups[group_of[id(c)]].persistent)
-                  for c in self.chunks]
-        host_shards = self._h2d is not None and any(c.compute_shard is None for c in self.chunks)
-        plan = plan_arena(shapes, world_size=self.world_size, stage=self.cfg.stage,
-                          prefetch_units=self.cfg.prefetch_units, compute_itemsize=self.compute_dtype.itemsize,
-                          reduce_itemsize=self.reduce_dtype.itemsize, gather_shards_from_host=host_shards)
-        arena = ChunkArena(plan, self.device, self._h2d, self.rank)
+        arena = ChunkArena(self.plan.arena, self.device, self._h2d, self.rank)
         log.info("rank %d: GPU chunk arena %.2f GiB reserved (%s)", self.rank, arena.reserved_at_setup / 2**30,
                  arena.plan.describe())
         return arena
@@ -190,6 +183,7 @@ class GatherMixin:
                         c.gather_tmp.record_stream(current)
                         c.gather_tmp = None
                 c.transition(Residency.GATHERED)
+                self._set_guard(c, False)  # readable again (unshard.py)
                 if self.cfg.debug_sync:
                     self._check_gathered(c)
 
@@ -199,6 +193,7 @@ class GatherMixin:
             if not c.spec.persistent:
                 c.transition(Residency.SHARDED)
                 c.full.untyped_storage().resize_(0)
+                self._set_guard(c, True)  # a read now is a clear error, not a read of freed memory
 
     def _reshard_gathered(self, keep: set[int] = frozenset()) -> None:
         """Reshard every non-persistent group still gathered, but those in ``keep`` (stage 3)."""

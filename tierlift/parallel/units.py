@@ -1,4 +1,4 @@
-"""Wrap units: which modules of a model become chunks, and activation checkpointing.
+"""Wrap units: which modules of a model become chunks (their activations: offload/activations.py).
 
 A wrap unit is a module whose class name is in the wrap list (default: the model's
 ``_no_split_modules``, as Hugging Face models declare their transformer blocks).
@@ -8,18 +8,15 @@ innermost unit that contains it; the rest of the model forms the root unit "".
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from tierlift.errors import ConfigError
-from tierlift.parallel.layout import UnitSpec
+from tierlift.layout import UnitSpec
 
-__all__ = ["UnitModule", "find_units", "default_wrap_classes", "apply_activation_checkpointing"]
+__all__ = ["UnitModule", "find_units", "default_wrap_classes"]
 
 
 @dataclass
@@ -79,30 +76,3 @@ def find_units(model: nn.Module, wrap_classes: Sequence[str]) -> list[UnitModule
             fqn = f"{mod_path}.{pname}" if mod_path else pname
             units[owner(mod_path)].params.append((fqn, p))
     return [units[""]] + [units[p] for p in units if p]
-
-
-def apply_activation_checkpointing(units: Sequence[UnitModule]) -> int:
-    """Recompute each outermost non-root unit's forward in backward (non-reentrant).
-
-    The module's ``forward`` is replaced on the instance so parameter names and
-    hooks stay as they are; hooks fire around the checkpointed call, and again
-    (in the backward phase) when nested units run during recomputation."""
-    paths = [u.name for u in units if u.name]
-    count = 0
-    for u in units:
-        if not u.name or any(u.name.startswith(p + ".") for p in paths if p != u.name):
-            continue  # nested: its outer unit is checkpointed already
-        if getattr(u.module, "_tierlift_ac", False):
-            continue
-        orig = u.module.forward
-
-        @functools.wraps(orig)
-        def ac_forward(*args, __orig=orig, **kwargs):
-            if not torch.is_grad_enabled():
-                return __orig(*args, **kwargs)
-            return checkpoint(__orig, *args, use_reentrant=False, **kwargs)
-
-        u.module.forward = ac_forward
-        u.module._tierlift_ac = True
-        count += 1
-    return count

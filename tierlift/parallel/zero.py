@@ -1,6 +1,6 @@
 """The chunked ZeRO engine, stages 1–3.
 
-Every wrap unit's parameters live in one flat chunk (see ``layout.py``).  Each rank
+Every wrap unit's parameters live in one flat chunk (see ``tierlift/layout.py``).  Each rank
 owns a shard of every chunk: the fp32 master, its gradient and the optimizer state.
 Parameters of the model are views into a per-chunk *gathered* buffer in the compute
 dtype, bound once at setup (``param.data = view``).  Stage 3 frees that buffer's
@@ -16,6 +16,7 @@ waited for at most two behind; gathers and their streams are described in
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -27,14 +28,23 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from tierlift.errors import ConfigError
+from tierlift.layout import ChunkLayout, plan_chunks
+from tierlift.offload.activation_plan import ActivationConfig
+from tierlift.offload.activations import ActivationExecutor
+from tierlift.offload.optimizer import OffloadedOptimizer
+from tierlift.offload.policy import NoOffload, NVMeOffload, OffloadConfig
+from tierlift.offload.shard_optim import ShardOptimizer
 from tierlift.parallel.chunks import Group, PostBackward, Residency, RuntimeChunk
 from tierlift.parallel.comm import reduce_scatter_flat
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.parallel.gather import GatherMixin, keep_for_backward
-from tierlift.parallel.layout import ChunkLayout, plan_chunks
-from tierlift.parallel.optim import LossScaler, ShardOptimizer, global_grad_norm
+from tierlift.parallel.optim import LossScaler, global_grad_norm
+from tierlift.parallel.plan_exec import check_layout, plan_for_engine, verify
+from tierlift.parallel.rendezvous import Rendezvous
+from tierlift.parallel.unshard import UnshardMixin
 from tierlift.parallel.zero_state import EngineStateMixin
-from tierlift.parallel.units import apply_activation_checkpointing, default_wrap_classes, find_units
+from tierlift.parallel.units import default_wrap_classes, find_units
 
 __all__ = ["ZeroEngine", "Residency", "StepStats"]
 
@@ -53,23 +63,20 @@ class StepStats(dict):
     """grad_norm (pre-clip), skipped (fp16 overflow), loss_scale."""
 
 
-class ZeroEngine(GatherMixin, EngineStateMixin):
+class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
     """Shards ``model`` (already built identically on every rank) over the default group."""
 
     def __init__(self, model: nn.Module, zero: ZeroConfig, precision: PrecisionConfig, optim: OptimizerConfig,
-                 device: torch.device, activation_checkpointing: bool = False, offload=None) -> None:
-        from tierlift.offload.policy import NoOffload, OffloadConfig
+                 device: torch.device, activation_checkpointing: bool = False, offload=None, plan=None,
+                 activations: ActivationConfig | None = None) -> None:
         self.offload = offload or OffloadConfig()
         host_opt = not isinstance(self.offload.optimizer, NoOffload)
         host_params = not isinstance(self.offload.param, NoOffload)
         if host_params and not host_opt:
-            from tierlift.errors import ConfigError
             raise ConfigError("offloading parameters needs the optimizer offloaded too.", setting="offload.param",
                               value=type(self.offload.param).__name__,
                               fix="set offload.optimizer to cpu or nvme as well.")
-        from tierlift.offload.policy import NVMeOffload
         if isinstance(self.offload.param, NVMeOffload):
-            from tierlift.errors import ConfigError
             opt = self.offload.optimizer
             if not isinstance(opt, NVMeOffload):
                 raise ConfigError("parameters on NVMe need the optimizer state on NVMe too (they share its "
@@ -92,8 +99,16 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         self.units = find_units(model, wrap)
         self.layout: ChunkLayout = plan_chunks([u.spec() for u in self.units], self.world_size,
                                                zero.chunk_align_bytes, zero.persistence_threshold)
+        # The ExecutionPlan this engine executes (offload/execplan.py): given, or the config's.
+        if plan is not None:
+            check_layout(plan, self.layout)
+        self.plan = plan or plan_for_engine(self.layout, zero, self.offload, optim.name, self.compute_dtype,
+                                            self.reduce_dtype, device, self.rank)
+        self.cfg = dataclasses.replace(zero, prefetch_units=self.plan.prefetch_units)  # own copy: re-plans change it
         unit_by_name = {u.name: u for u in self.units}
         self._move_buffers(model, device)
+        self._record_model_dtypes(model)
+        self.rendezvous = Rendezvous(self.rank, self.world_size, zero.rendezvous_timeout_s)
         self.chunks = [RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype,
                                      host_optimizer=host_opt, host_params=host_params)
                        for c in self.layout]
@@ -103,13 +118,13 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         self.groups = self._make_groups()
         self.host_opt = None
         if host_opt:
-            from tierlift.offload.optimizer import OffloadedOptimizer
             deferred = optim.grad_clip > 0 or precision.compute == "fp16"
             masters = [c.master for c in self.chunks]
             for c in self.chunks:
                 c.master = None  # the host optimizer takes them over, and drops each once copied
             self.host_opt = OffloadedOptimizer(list(self.layout), self.rank, masters, optim,
-                                               self.offload, self.compute_dtype, device, deferred=deferred)
+                                               self.offload, self.compute_dtype, device, deferred=deferred,
+                                               placement=self.plan.optimizer_tiers)
             del masters
             self.optimizer = None
         else:
@@ -139,13 +154,17 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         # Stage-3 gathers per step: issued ahead by prefetch; at use, a hit (already
         # gathered or in flight) or a miss (gathered on demand).  Telemetry events.
         self.prefetch_counts = {"issued": 0, "hit": 0, "miss": 0}
-        if activation_checkpointing:
-            apply_activation_checkpointing(self.units)
+        # Saved activations: kept (no executor, no cost), or swapped / recomputed per the plan.
+        act = activations or ActivationConfig(policy="recompute" if activation_checkpointing else "keep")
+        self.activations: ActivationExecutor | None = None
+        if act.policy != "keep":
+            # PCIe bytes per step the offloaded optimizer already moves (fp32 master in, gradients
+            # out): the activation plan's swaps share the link with them.
+            pcie = self.layout.shard_numel() * 8 if host_opt else 0
+            self.activations = ActivationExecutor(self.units, device, act, offload_pcie_bytes=pcie)
+            self.activations.install()
         self._hooks = []
-        for g in self.groups:
-            self._hooks.append(g.module.register_forward_pre_hook(
-                lambda m, a, k, g=g: self._pre_forward(g, a, k), with_kwargs=True))
-            self._hooks.append(g.module.register_forward_hook(lambda m, a, o, g=g: self._post_forward(g, o)))
+        self._attach_hooks()
         if zero.stage == 3:
             for g in self.groups:
                 if not g.persistent:
@@ -154,6 +173,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
         log.info("rank %d: %d chunks in %d groups, %.1f M params, %.1f M shard elems/rank, stage %d",
                  self.rank, len(self.chunks), len(self.groups), self.layout.total_numel / 1e6,
                  self.layout.shard_numel() / 1e6, zero.stage)
+        verify(self, "after construction")
 
     # -- setup ---------------------------------------------------------------
     @staticmethod
@@ -209,8 +229,10 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
             self._wait_gathered(g)
             if pos < len(self._fwd_order) and self._fwd_order[pos] == g.index:
                 self._prefetch(self._fwd_order, pos)
-        else:
-            self._wait_gathered(g)  # recomputation in backward, or a forward outside forward_begin
+        else:  # recomputation in backward, or a forward outside forward_begin (which every rank must run)
+            if self.phase is Phase.IDLE:
+                self._check_ranks_present(g)
+            self._wait_gathered(g)
         if self.phase is Phase.FORWARD and torch.is_grad_enabled():
             flat, spec = tree_flatten((args, kwargs))
             idx = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
@@ -303,6 +325,7 @@ class ZeroEngine(GatherMixin, EngineStateMixin):
     # -- public step API -----------------------------------------------------
     def forward_begin(self) -> None:
         """Call before each micro-batch's forward (and before an eval forward)."""
+        self.rewrap()  # after unwrap_model(): parameters back on the engine's buffers
         self.phase = Phase.FORWARD
         self._cur_order = []
         if self.host_opt is not None:  # reads ahead no gather used: stale once their chunk stepped

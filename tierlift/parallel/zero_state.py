@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from tierlift.offload.optimizer_state import Tier
 from tierlift.parallel.chunks import RuntimeChunk
 from tierlift.parallel.comm import all_gather_flat
+from tierlift.state import StateSegment
 
 __all__ = ["EngineStateMixin"]
 
@@ -83,8 +85,6 @@ class EngineStateMixin:
         NVMe-tier chunks give ``StreamedTensor``s instead: a checkpoint streams them
         through one cached piece per kind, never the whole state in RAM (see
         docs/offload.md).  ``load_extra_state`` writes loaded values back to their tier."""
-        from tierlift.offload.optimizer import Tier
-        from tierlift.runtime.checkpoint import StateSegment
         out = []
         self._loaded, self._streamed = [], []
         for c in self.chunks:

@@ -27,6 +27,13 @@ the previous checkpoint loadable: :func:`latest_checkpoint` ignores ``.tmp-`` an
 save cleans or restores them.  The checkpoint dir must be on a filesystem every
 rank sees (a shared one for multi-node runs).  Loading never unpickles.
 
+Confinement: a ``step-*`` dir that is a symbolic link is never loaded, counted,
+replaced or deleted (its target may lie outside the run); manifest file entries are
+plain ``rank-NNNNN.safetensors`` names and rank files must be regular files; every
+manifest and rank-file header is checked before use (:mod:`checkpoint_check`), so a
+malformed checkpoint is one CheckpointError naming the file.  ``latest_checkpoint``
+logs one warning per unusable checkpoint it passes over, with the reason.
+
 Every entry point is collective and failure-symmetric: a rank that fails reports
 through the next collective instead of raising early (which would leave the others
 hanging), and then every rank raises.  The on-disk helpers live in
@@ -49,33 +56,20 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import torch
-from safetensors import safe_open
 
-from tierlift.errors import CheckpointError
+from tierlift.errors import CheckpointError, TierliftError
 from tierlift.parallel.comm import Comm
 from tierlift.runtime import checkpoint_io as cio
 from tierlift.runtime.checkpoint_io import (FORMAT, FORMAT_VERSION, MANIFEST, latest_checkpoint, read_manifest,
                                             rotate_checkpoints, verify_files)
+from tierlift.runtime.checkpoint_check import open_rank_file
+from tierlift.state import StateSegment
 
 __all__ = ["StateSegment", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_manifest",
            "rotate_checkpoints", "verify_files", "FORMAT", "FORMAT_VERSION", "MANIFEST"]
-
-
-@dataclass
-class StateSegment:
-    """This rank's piece ``[param_lo, param_hi)`` of flattened parameter ``name``:
-    ``tensors`` maps a state kind ("param", "exp_avg", "exp_avg_sq", "momentum")
-    to a writable 1-D view with ``param_hi - param_lo`` elements (any device), or to a
-    ``checkpoint_io.StreamedTensor`` for state that is not in memory (NVMe)."""
-
-    name: str
-    shape: tuple[int, ...]
-    param_lo: int
-    param_hi: int
-    tensors: dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- save
@@ -199,7 +193,10 @@ def _build_manifest(reports: list[dict], aliases: dict[str, str], extra: dict) -
 
 
 def _replaceable(d: Path) -> bool:
-    """An existing ckpt_dir may be swapped out only if it is (what is left of) a checkpoint."""
+    """An existing ckpt_dir may be swapped out only if it is (what is left of) a checkpoint
+    -- not a link, whose target may lie outside the run directory."""
+    if d.is_symlink():
+        return False
     try:
         names = os.listdir(d)
     except NotADirectoryError:
@@ -238,8 +235,9 @@ def _commit(tmp: Path, final: Path, token: str, manifest: dict) -> list[str]:
 
 
 def _payload(e: BaseException) -> dict[str, Any]:
-    """A picklable description of an error, to re-raise it on the other ranks."""
-    if isinstance(e, CheckpointError):
+    """A picklable description of an error, to re-raise it on the other ranks.  Any
+    TierliftError keeps its one line (e.g. a checksum mismatch of NVMe-resident state)."""
+    if isinstance(e, TierliftError):
         return {"message": e.message, "setting": e.setting, "value": None if e.value is None else str(e.value),
                 "fix": e.fix}
     return {"message": f"{type(e).__name__}: {e}", "setting": None, "value": None,
@@ -351,8 +349,10 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, segments: Iterable[StateSegment
 # ----------------------------------------------------------------------------- load
 
 def _load_local(ckpt_dir: Path, segments: Sequence[StateSegment], comm: Comm, verify: bool,
-                kinds: Collection[str] | None) -> tuple[dict, dict]:
+                kinds: Collection[str] | None, check_extra: Callable[[dict, Path], None] | None) -> tuple[dict, dict]:
     manifest = read_manifest(ckpt_dir)
+    if check_extra is not None:  # before any state is touched
+        check_extra(manifest["extra"], ckpt_dir)
     params, aliases, index = manifest["params"], manifest["aliases"], cio.piece_index(manifest)
     err = dict(setting="checkpoint dir", value=str(ckpt_dir))
     jobs, needed_files = [], set()
@@ -390,8 +390,7 @@ def _load_local(ckpt_dir: Path, segments: Sequence[StateSegment], comm: Comm, ve
 
         def open_file(r: int):
             if r not in handles:
-                handles[r] = stack.enter_context(
-                    safe_open(str(ckpt_dir / manifest["files"][r]["file"]), framework="pt", device="cpu"))
+                handles[r] = stack.enter_context(open_rank_file(ckpt_dir, manifest, r))
             return handles[r]
 
         for seg, stored, kind, covering in jobs:
@@ -406,10 +405,12 @@ def _load_local(ckpt_dir: Path, segments: Sequence[StateSegment], comm: Comm, ve
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, segments: Iterable[StateSegment], *, comm: Comm, verify: bool = True,
-                    kinds: Collection[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                    kinds: Collection[str] | None = None,
+                    check_extra: Callable[[dict, Path], None] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Collective: fill every segment's tensors in place from the checkpoint, at any
     world size.  ``verify`` checks the sha256 of the files this rank reads.  ``kinds``
-    limits the state kinds loaded (e.g. ``("param",)`` for weights only).
+    limits the state kinds loaded (e.g. ``("param",)`` for weights only).  ``check_extra
+    (extra, ckpt_dir)`` refuses an ``extra`` the caller cannot use, before any state is read.
 
     Returns (extra, rank_tensors); rank_tensors are this rank's saved rank-local
     tensors when the world size is unchanged, else ``{}`` (re-seed the RNGs then).
@@ -418,7 +419,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, segments: Iterable[StateSegment
     own_exc: BaseException | None = None
     result: tuple[dict, dict] = ({}, {})
     try:
-        result = _load_local(ckpt_dir, list(segments), comm, verify, kinds)
+        result = _load_local(ckpt_dir, list(segments), comm, verify, kinds, check_extra)
     except Exception as e:  # includes bugs / unreadable files: still join the collective below
         own_exc = e
     msgs = comm.all_gather_object(None if own_exc is None else _payload(own_exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -22,10 +23,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from tierlift.errors import CheckpointError
+from tierlift.runtime.checkpoint_check import check_manifest, link_reason, rank_file
+from tierlift.state import StreamedTensor
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "IO_PIECE_BYTES", "read_manifest", "verify_files",
            "latest_checkpoint", "rotate_checkpoints", "write_safetensors_stream", "piece_index", "iter_range",
-           "is_complete"]
+           "is_complete", "unusable_reason"]
+
+log = logging.getLogger("tierlift.checkpoint")
 
 FORMAT = "tierlift-checkpoint"
 FORMAT_VERSION = 1
@@ -58,29 +63,6 @@ def _write_all(fd: int, data: memoryview) -> None:
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy())
-
-
-class StreamedTensor:
-    """A 1-D tensor that is not in memory (state on NVMe): a checkpoint writes it from
-    ``read(lo, hi)`` and loads it through ``write(lo, src)``, a slice at a time, so
-    saving or resuming NVMe-resident state never holds more than a slice of it."""
-
-    def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[int, int], torch.Tensor],
-                 write: Callable[[int, torch.Tensor], None]) -> None:
-        self.dtype, self._numel, self.read, self.write = dtype, numel, read, write
-
-    def numel(self) -> int:
-        return self._numel
-
-    def dim(self) -> int:
-        return 1
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def shape(self) -> tuple[int]:
-        return (self._numel,)
 
 
 def host_pieces(t, lo: int = 0, hi: int | None = None) -> Iterator[torch.Tensor]:
@@ -172,6 +154,9 @@ def remove_tree(path: str | os.PathLike) -> None:
     """Delete a checkpoint dir so that no partial state ever looks complete: rename
     it to ``.del-<token>`` first (loaders skip those), drop the manifest, then the rest."""
     path = Path(path)
+    if path.is_symlink():  # never delete through a link: only the link itself goes
+        os.unlink(path)
+        return
     if not path.exists():
         return
     if not _STALE_RE.match(path.name):
@@ -218,24 +203,33 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
             raise _corrupt(path, f"lacks a valid {key!r} entry")
     if len(m["files"]) != m["world_size"]:
         raise _corrupt(path, f"lists {len(m['files'])} files for world_size {m['world_size']}")
+    check_manifest(m, path)
     return m
 
 
-def _files_present(ckpt_dir: Path, manifest: dict) -> bool:
+def unusable_reason(ckpt_dir: str | os.PathLike) -> str | None:
+    """Why ``ckpt_dir`` cannot be loaded (no valid manifest, a rank file missing, linked
+    or of the wrong size), or None when it is complete.  Contents are checked on load."""
+    d = Path(ckpt_dir)
+    try:
+        manifest = read_manifest(d)
+    except CheckpointError as e:
+        return e.message
     for f in manifest["files"]:
+        p = d / f["file"]
+        if link_reason(p):
+            return f"{f['file']} {link_reason(p)}"
         try:
-            if os.stat(ckpt_dir / f["file"]).st_size != f["bytes"]:
-                return False
-        except OSError:
-            return False
-    return True
+            size = os.stat(p).st_size
+        except OSError as e:
+            return f"{f['file']} is missing ({e.strerror})"
+        if size != f["bytes"]:
+            return f"{f['file']} has {size} bytes but the manifest says {f['bytes']}"
+    return None
 
 
 def is_complete(ckpt_dir: str | os.PathLike) -> bool:
-    try:
-        return _files_present(Path(ckpt_dir), read_manifest(ckpt_dir))
-    except (CheckpointError, KeyError, TypeError):
-        return False
+    return unusable_reason(ckpt_dir) is None
 
 
 def verify_files(ckpt_dir: str | os.PathLike, manifest: dict, ranks: Iterable[int] | None = None) -> None:
@@ -243,7 +237,7 @@ def verify_files(ckpt_dir: str | os.PathLike, manifest: dict, ranks: Iterable[in
     ckpt_dir = Path(ckpt_dir)
     for r in sorted(set(range(manifest["world_size"]) if ranks is None else ranks)):
         entry = manifest["files"][r]
-        path = ckpt_dir / entry["file"]
+        path = rank_file(ckpt_dir, manifest, r)  # confined: a regular file inside ckpt_dir
         try:
             size = os.stat(path).st_size
         except OSError as e:
@@ -286,20 +280,44 @@ def latest_checkpoint(run_or_ckpt_dir: str | os.PathLike) -> str | None:
     (or under ``<dir>`` when it is the checkpoints dir).  None when there is none."""
     p = Path(run_or_ckpt_dir)
     if (p / MANIFEST).is_file():
-        return str(p) if is_complete(p) else None
+        why = unusable_reason(p)
+        if why:
+            _warn_skipped([(p, why)], None, listed=False)
+        return None if why else str(p)
+    skipped = []
     for _, d in reversed(_step_dirs(_checkpoints_parent(p))):
-        if is_complete(d):
+        why = link_reason(d) or unusable_reason(d)  # a linked step dir may point outside the run
+        if why is None:
+            _warn_skipped(skipped, d)
             return str(d)
+        skipped.append((d, why))
+    _warn_skipped(skipped, None)
     return None
+
+
+_warned: set[tuple[str, str]] = set()  # (dir, reason) this process already reported
+
+
+def _warn_skipped(skipped: list[tuple[Path, str]], used: Path | None, listed: bool = True) -> None:
+    """One warning line per unusable checkpoint passed over, naming the one used instead
+    (resume and export would otherwise fall back to an older one without a word)."""
+    for d, why in skipped:
+        if (str(d), why) not in _warned:
+            _warned.add((str(d), why))
+            tail = f"using {used.name}" if used is not None else "no older complete checkpoint" if listed else \
+                "it cannot be loaded"
+            log.warning("skipped checkpoint %s: %s; %s", d, why, tail)
 
 
 def rotate_checkpoints(parent: str | os.PathLike, keep: int) -> list[str]:
     """Delete the oldest complete ``step-*`` checkpoints under ``parent`` beyond the
-    newest ``keep`` (the newest is never deleted).  Returns the removed paths."""
+    newest ``keep`` (the newest is never deleted).  Returns the removed paths.  A linked
+    step dir is neither counted nor deleted: its target may lie outside the run."""
     if not isinstance(keep, int) or keep < 1:
         raise CheckpointError("must keep at least one checkpoint", setting="train.keep_checkpoints", value=keep,
                               fix="set it to 1 or more.")
-    complete = [d for _, d in _step_dirs(Path(parent)) if _STEP_RE.match(d.name) and is_complete(d)]
+    complete = [d for _, d in _step_dirs(Path(parent))
+                if _STEP_RE.match(d.name) and not d.is_symlink() and is_complete(d)]
     doomed = complete[:-keep]
     for d in doomed:
         remove_tree(d)
@@ -315,8 +333,8 @@ def cleanup_stale(parent: Path) -> None:
         return
     for name in names:
         s = _STALE_RE.match(name)
-        if not s or not (parent / name).is_dir():
-            continue
+        if not s or (parent / name).is_symlink() or not (parent / name).is_dir():
+            continue  # a link is not ours to restore or delete (it may point outside the run)
         base = parent / s["base"]
         if s["what"] == "old" and not base.exists() and is_complete(parent / name):
             os.rename(parent / name, base)

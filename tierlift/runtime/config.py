@@ -6,6 +6,7 @@ Loads tierlift YAML and DeepSpeed JSON into the same object (see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import textwrap
@@ -18,46 +19,25 @@ from tierlift.models.config import ModelConfig
 from tierlift.offload.policy import NoOffload, NVMeOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.runtime.data.config import DataConfig
+from tierlift.runtime.deepspeed_compat import is_deepspeed_config, map_deepspeed
+from tierlift.runtime.loop_config import LoopConfig, resolve_loop
 from tierlift.runtime.policy import PolicyConfig
 from tierlift.system.telemetry import TelemetryConfig
 from tierlift.runtime.schedule import SchedulerConfig
 
-__all__ = ["TrainConfig", "LoopConfig", "RunConfig", "check_batch_sizes", "render_config",
-           "read_config_file"]
+# Not fields (ignored by ==): where a config came from and what its DeepSpeed mapping decided.
+_CARRIED = ("_source", "_deepspeed_notes", "_deepspeed_choices")
 
-
-@dataclass
-class LoopConfig:
-    """The step loop.  micro_batch_size is per rank; one optimizer step consumes
-    micro_batch_size * grad_accum_steps * world_size samples."""
-
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_steps: int = 300
-    seed: int = 1234
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 4
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    activation_checkpointing: bool = False
-    global_batch_size: int = 0  # 0 = derived; if set, must equal mbs * accum * world
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_batches",
-                     "keep_checkpoints"):
-            v = getattr(self, name)
-            check(v >= 1, f"train.{name}", v, "must be >= 1.", "give a positive integer.")
-        for name in ("eval_every", "checkpoint_every", "global_batch_size"):
-            v = getattr(self, name)
-            check(v >= 0, f"train.{name}", v, "must be >= 0.", "use 0 to disable.")
+__all__ = ["TrainConfig", "LoopConfig", "RunConfig", "check_batch_sizes", "resolve_batch_sizes",
+           "require_batch_sizes", "config_choices", "render_config", "read_config_file"]
 
 
 @dataclass
 class RunConfig:
     """Where and how the run executes.  device: "auto" (cuda when available),
-    "cpu" or "cuda"; backend: "ray" (local Ray, the default) or "local"
-    (subprocesses); dir: the run directory (config, logs, metrics, checkpoints)."""
+    "cpu" or "cuda"; backend: "ray" (local Ray, the default), "local"
+    (subprocesses) or "mpi" (ranks started by mpiexec/srun, tierlift.launch.mpi);
+    dir: the run directory (config, logs, metrics, checkpoints)."""
 
     dir: str = "runs/default"
     device: str = "auto"
@@ -68,7 +48,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("run.device", self.device, ["auto", "cpu", "cuda"])
-        check_choice("run.backend", self.backend, ["ray", "local"])
+        check_choice("run.backend", self.backend, ["ray", "local", "mpi"])
         check(self.nproc >= 1, "run.nproc", self.nproc, "must be >= 1.", "give the number of ranks.")
         check(0 <= self.master_port < 65536, "run.master_port", self.master_port,
               "must be a TCP port or 0.", "use 0 to pick a free port.")
@@ -77,6 +57,23 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
+    """The whole run's config: one section per component (``tierlift config show``
+    prints every default).
+
+    Defaults that differ from a plain ``torch.optim.AdamW`` loop (they follow
+    GPT-style pretraining): lr 3e-4 (torch: 1e-3), betas (0.9, 0.95) (torch:
+    (0.9, 0.999)), weight decay 0.1 (torch: 0.01) and none on 1-D parameters
+    (torch: every parameter), global-norm clipping at 1.0 (torch: none), a cosine
+    schedule down to 0.1 x lr (torch: constant) and shuffled data (a reference
+    that reads its data in order: not shuffled).  These settings give plain AdamW
+    behaviour (a DeepSpeed JSON config already loads with DeepSpeed's own
+    defaults)::
+
+        optimizer: {lr: 1.0e-3, betas: [0.9, 0.999], eps: 1.0e-8, weight_decay: 0.01, decay_1d: true, grad_clip: 0}
+        scheduler: {kind: constant}
+        data: {shuffle: false}
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -129,16 +126,28 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
         """From a tierlift mapping, or a DeepSpeed one (detected by its keys)."""
-        from tierlift.runtime.deepspeed_compat import is_deepspeed_config, from_deepspeed
         if is_deepspeed_config(data):
-            return from_deepspeed(data)
+            return cls.from_deepspeed(data)
         return from_dict(cls, data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TrainConfig":
-        """Load tierlift YAML (.yaml/.yml) or DeepSpeed JSON (.json)."""
+    def from_deepspeed(cls, data: Mapping[str, Any], *, world_size: int | None = None,
+                       notes: list[str] | None = None) -> "TrainConfig":
+        """From DeepSpeed config ``data`` (see ``deepspeed_compat.map_deepspeed``):
+        ``world_size``, when known, fixes batch sizes DeepSpeed derives from it
+        (else they are left to derive at launch: train.micro_batch_size 0);
+        ``notes`` receives the mapping notes.  The values tierlift chose for
+        "auto" or missing keys ride on the result (``_deepspeed_choices``), as
+        the notes do (``_deepspeed_notes``): not fields, ignored by ==."""
+        return map_deepspeed(data, cls, world_size=world_size, notes=notes)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, world_size: int | None = None) -> "TrainConfig":
+        """Load tierlift YAML (.yaml/.yml) or DeepSpeed JSON (.json); ``world_size``
+        as in :meth:`from_deepspeed`."""
         path = os.fspath(path)
-        cfg = cls.from_dict(read_config_file(path))
+        data = read_config_file(path)
+        cfg = cls.from_deepspeed(data, world_size=world_size) if is_deepspeed_config(data) else cls.from_dict(data)
         cfg._source = path  # not a field: for render_config's header only, ignored by ==
         return cfg
 
@@ -191,7 +200,7 @@ def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     """
     check(isinstance(world_size, int) and world_size >= 1, "world_size", world_size,
           "must be a positive integer.", "pass the number of ranks.")
-    t = cfg.train
+    t = resolve_loop(cfg.train, world_size)[0]  # a derived (0) micro-batch / accumulation filled in
     derived = t.micro_batch_size * t.grad_accum_steps * world_size
     if t.global_batch_size and t.global_batch_size != derived:
         per_step = t.micro_batch_size * world_size
@@ -208,6 +217,40 @@ def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     return derived
 
 
+def resolve_batch_sizes(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with the batch sizes left to derive at launch (train.micro_batch_size
+    / grad_accum_steps 0, e.g. a DeepSpeed config with train_batch_size but no
+    micro-batch) filled in for ``world_size`` ranks, checked, and one line per
+    value chosen.  The Trainer and ``tierlift train`` call it once the world size
+    is known.  Pure."""
+    check_batch_sizes(cfg, world_size)
+    loop, lines = resolve_loop(cfg.train, world_size)
+    if not lines:
+        return cfg, []
+    out = dataclasses.replace(cfg, train=loop)
+    for attr in _CARRIED:
+        if hasattr(cfg, attr):
+            setattr(out, attr, getattr(cfg, attr))
+    return out, lines
+
+
+def require_batch_sizes(cfg: TrainConfig, where: str) -> None:
+    """Refuse ``cfg`` where the world size is not known (``where``: the command)
+    but a batch size depends on it."""
+    t = cfg.train
+    for name, ds_name in (("micro_batch_size", "train_micro_batch_size_per_gpu"),
+                          ("grad_accum_steps", "gradient_accumulation_steps")):
+        check(getattr(t, name) != 0, f"train.{name}", 0,
+              f"is derived from train.global_batch_size={t.global_batch_size} (DeepSpeed: {ds_name} missing or "
+              f"'auto' with train_batch_size set), which depends on the number of ranks, and {where} does not "
+              "know it.", f"pass --world-size N (the ranks you will train on), or give {ds_name} in the config.")
+
+
+def config_choices(cfg: TrainConfig) -> list[str]:
+    """One line per value tierlift chose for a DeepSpeed key given as "auto" or missing."""
+    return list(getattr(cfg, "_deepspeed_choices", None) or [])
+
+
 def render_config(cfg: TrainConfig, source: str | None = None) -> str:
     """The resolved config as YAML with every default shown, under a header
     naming where it came from (``source``, else the file it was loaded from) and
@@ -222,4 +265,8 @@ def render_config(cfg: TrainConfig, source: str | None = None) -> str:
             wrapped = textwrap.wrap(note, width=96) or [""]
             lines.append(f"#   - {wrapped[0]}")
             lines.extend(f"#     {rest}" for rest in wrapped[1:])
+    chosen = config_choices(cfg)
+    if chosen:
+        lines.append('# values tierlift chose for DeepSpeed keys given as "auto" or missing:')
+        lines.extend(f"#   {line}" for line in chosen)
     return "\n".join(lines) + "\n" + cfg.to_yaml()

@@ -1,11 +1,18 @@
-"""DeepSpeed JSON configs mapped onto :class:`TrainConfig`, and converted to YAML.
+"""DeepSpeed JSON configs mapped onto :class:`TrainConfig` (YAML conversion:
+``deepspeed_convert``).  Imports run one way: ``runtime.config`` imports this
+module and hands it the TrainConfig class; nothing here imports ``runtime.config``.
 
 DeepSpeed silently ignores keys it no longer reads (``aio.thread_count`` became
 ``intra_op_parallelism``).  Here every key is mapped, accepted because tierlift
-already behaves that way, accepted as a speed knob without effect (and noted), or
-reported; see ``deepspeed_keys``.  All problems of one config are raised together
-in one :class:`DeepSpeedConfigError`, each naming the DeepSpeed key path, its
-value, the nearest supported key and the fix.
+already behaves that way, accepted as a speed knob without effect (and noted),
+ignored with one warning naming it when tierlift does not honour it but the
+numbers trained cannot change (logging monitors, DeepSpeed's own checkpoint
+options), or reported; see ``deepspeed_keys``.  ``"auto"`` (the Hugging Face
+integration's convention) means "tierlift decides": its default, or a value
+derived from the run (batch sizes from the world size, precision from the
+device), each choice one ``ds-config: KEY="auto" -> VALUE (why)`` line.  All
+problems of one config are raised together in one :class:`DeepSpeedConfigError`,
+each naming the DeepSpeed key path, its value, the nearest supported key and the fix.
 
 Missing keys: where DeepSpeed's default changes the numbers trained (optimizer
 hyper-parameters, gradient clipping, lr schedule, reduction dtype) the mapping
@@ -18,28 +25,28 @@ reaches the peak lr at step warmup_steps - 1 and never trains at lr 0.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 from tierlift._configbase import from_dict, nearest
 from tierlift.errors import ConfigError
 from tierlift.offload.policy import OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.runtime import deepspeed_keys as K
-from tierlift.runtime.config import LoopConfig, TrainConfig, read_config_file, render_config
-from tierlift.runtime.deepspeed_sections import (collect_errors, map_aio, map_batch_sizes, map_optimizer, map_precision,
-                                                  map_scheduler, map_zero)
+from tierlift.runtime.deepspeed_auto import map_batch_sizes
+from tierlift.runtime.deepspeed_sections import (collect_errors, map_aio, map_optimizer, map_precision, map_scheduler,
+                                                  map_zero)
+from tierlift.runtime.loop_config import LoopConfig
 from tierlift.runtime.schedule import SchedulerConfig
 
-__all__ = ["is_deepspeed_config", "from_deepspeed", "to_tierlift_yaml", "convert_file",
-           "DeepSpeedConfigError"]
+__all__ = ["is_deepspeed_config", "map_deepspeed", "DeepSpeedConfigError"]
 
 log = logging.getLogger("tierlift.config")
 
 _SECTIONS = {"train": LoopConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
              "precision": PrecisionConfig, "zero": ZeroConfig, "offload": OffloadConfig}
-_TIERLIFT_ONLY = {f.name for f in dataclasses.fields(TrainConfig)} - {"optimizer", "scheduler"}
+C = TypeVar("C")
 
 
 class DeepSpeedConfigError(ConfigError):
@@ -65,11 +72,22 @@ class Walk:
     """State of one mapping: tierlift sections built so far, where each tierlift
     setting came from (for errors in DeepSpeed terms), problems and notes."""
 
-    def __init__(self) -> None:
+    def __init__(self, tierlift_sections: Iterable[str] = ()) -> None:
         self.out: dict[str, dict[str, Any]] = {}
         self.origin: dict[str, str] = {}  # tierlift dotted path -> DeepSpeed dotted path
         self.problems: list[ConfigError] = []
         self.notes: list[str] = []
+        self.choices: list[str] = []  # one line per "auto" / missing key tierlift decided
+        self.ignored: list[str] = []  # "key=value (why)": not honoured, cannot change the numbers
+        self.tierlift_only = set(tierlift_sections) - {"optimizer", "scheduler"}
+
+    def choose(self, ds_path: str, given: Any, value: Any, why: str) -> Any:
+        """Record that tierlift chose ``value`` for DeepSpeed key ``ds_path`` given as
+        ``given`` ("auto", or None when missing); returns ``value``."""
+        shown = value if isinstance(value, str) else json.dumps(value)
+        head = f'{ds_path}="auto"' if given == "auto" else f"{ds_path} (missing)"
+        self.choices.append(f"ds-config: {head} -> {shown} ({why})")
+        return value
 
     def problem(self, key: str, value: Any, message: str, fix: str) -> None:
         if not any(p.setting == key and p.message == message for p in self.problems):
@@ -81,13 +99,16 @@ class Walk:
         self.origin[tl_path] = ds_path
 
     def section(self, d: Any, path: str, known: Iterable[str], *, unsupported: Mapping = {},
-                fixed: Mapping = {}, no_effect: Mapping = {}, auto_ok: Iterable[str] = ()) -> dict:
+                fixed: Mapping = {}, no_effect: Mapping = {}, ignored: Mapping = {},
+                auto_ok: Iterable[str] = ()) -> dict:
         """The keys of mapping ``d`` (at DeepSpeed path ``path``) left to map: unknown
-        and unsupported keys, unhonoured fixed values and 'auto' are reported,
-        no-effect keys noted."""
+        and unsupported keys and unhonoured fixed values are reported; no-effect
+        keys noted, ignored keys (``ignored``: key -> why) kept for one warning;
+        'auto' is kept for the mapper to decide where the key is in ``auto_ok``,
+        and reported elsewhere."""
         if d is None:
             return {}
-        known = set(known) | set(unsupported) | set(fixed) | set(no_effect)
+        known = set(known) | set(unsupported) | set(fixed) | set(no_effect) | set(ignored)
         if not isinstance(d, Mapping):
             self.problem(path, d, "must be a JSON object.", f"give an object with keys such as {sorted(known)[:4]}.")
             return {}
@@ -98,14 +119,19 @@ class Walk:
                 self.problem(sub, value, *unsupported[key])
             elif key not in known:
                 self.unknown(sub, key, value, known)
+            elif key in fixed and any(_same(value, a) for a in fixed[key][0]):
+                continue  # the value tierlift always behaves as
+            elif key in ignored:  # with a fixed value too: any other value is ignored, not refused
+                self.ignored.append(f"{sub}={json.dumps(value)} ({ignored[key]})")
+            elif isinstance(value, str) and value == "auto" and key in no_effect:
+                self.choose(sub, value, "not used", no_effect[key])
             elif isinstance(value, str) and value == "auto" and key not in auto_ok:
-                self.problem(sub, value, "'auto' is filled in by the Hugging Face Trainer integration, "
-                             "which tierlift does not use.", "replace 'auto' with the value you want.")
+                self.problem(sub, value, "'auto' asks tierlift to decide, but this key has no value tierlift "
+                             "can choose for it.", "replace 'auto' with the value you want.")
             elif key in fixed:
                 allowed, fix = fixed[key]
-                if not any(_same(value, a) for a in allowed):
-                    self.problem(sub, value, f"cannot be honoured: tierlift behaves only as {key}="
-                                 f"{', '.join(map(repr, allowed))}.", fix)
+                self.problem(sub, value, f"cannot be honoured: tierlift behaves only as {key}="
+                             f"{', '.join(map(repr, allowed))}.", fix)
             elif key in no_effect:
                 quiet.append((key, value))
             else:
@@ -119,7 +145,7 @@ class Walk:
         return kept
 
     def unknown(self, sub: str, key: Any, value: Any, known: Iterable[str]) -> None:
-        if not sub.count(".") and key in _TIERLIFT_ONLY:
+        if not sub.count(".") and key in self.tierlift_only:
             self.problem(sub, value, "is a tierlift section; it cannot be mixed into a DeepSpeed config.",
                          "convert the DeepSpeed JSON to YAML (`tierlift config convert`), then set "
                          f"{key}: there.")
@@ -162,33 +188,43 @@ def is_deepspeed_config(d: Any) -> bool:
     return any(isinstance(d.get(k), Mapping) and "type" in d[k] for k in ("optimizer", "scheduler"))
 
 
-def from_deepspeed(d: Mapping[str, Any], *, world_size: int | None = None,
-                   notes: list[str] | None = None) -> TrainConfig:
-    """Map DeepSpeed config ``d`` onto a TrainConfig.
+def map_deepspeed(d: Mapping[str, Any], cfg_cls: type[C], *, world_size: int | None = None,
+                  notes: list[str] | None = None) -> C:
+    """Map DeepSpeed config ``d`` onto ``cfg_cls`` (TrainConfig, which calls this
+    from ``TrainConfig.from_deepspeed``; passed in so that imports run one way).
 
     ``world_size``: when known, lets train_batch_size stand in for a missing
-    micro-batch or accumulation count as DeepSpeed allows.  ``notes`` (if given)
-    receives one sentence per mapping decision a reader should know; the same
-    notes ride on the result for :func:`render_config`.  Raises
-    :class:`DeepSpeedConfigError` listing every key that cannot be honoured.
+    micro-batch or accumulation count as DeepSpeed allows; unknown, such a count
+    is left to derive at launch (0).  "auto" values and missing batch sizes are
+    decided by tierlift, one line each on the result's ``_deepspeed_choices``.
+    ``notes`` (if given) receives one sentence per mapping decision a reader
+    should know; the same notes ride on the result for ``render_config``.
+    Raises :class:`DeepSpeedConfigError` listing every key that cannot be honoured.
     """
     if not isinstance(d, Mapping):
         raise ConfigError("must be a JSON object.", setting="config", value=d,
                           fix="give the DeepSpeed config as a mapping of its top-level keys.")
-    w = Walk()
+    w = Walk(f.name for f in dataclasses.fields(cfg_cls))
     top = w.section(d, "", K.TOP_MAPPED | set(K.TOP_DISABLED_ONLY), unsupported=K.TOP_UNSUPPORTED,
-                    fixed=K.TOP_FIXED, no_effect=K.TOP_NO_EFFECT, auto_ok={"train_batch_size"})
+                    fixed=K.TOP_FIXED, no_effect=K.TOP_NO_EFFECT, ignored=K.TOP_IGNORED,
+                    auto_ok=K.TOP_AUTO)
     for key, fix in K.TOP_DISABLED_ONLY.items():
         if key not in top:
             continue
         if isinstance(top[key], Mapping) and top[key].get("enabled") is False:
             w.notes.append(f"{key} is disabled: accepted without effect.")
+        elif key in K.MONITORS:  # only writes logs: ignoring it cannot change the numbers
+            w.ignored.append(f"{key} (enabled) ({K.MONITORS[key]})")
         else:
             w.problem(key, top[key], 'is accepted only while disabled ({"enabled": false}).', fix)
     map_batch_sizes(w, top, d, world_size)
     if "steps_per_print" in top:
         w.put("train.log_every", top["steps_per_print"], "steps_per_print")
-    w.put("optimizer.grad_clip", top.get("gradient_clipping", 0.0), "gradient_clipping")
+    clip = top.get("gradient_clipping", 0.0)
+    if clip == "auto":
+        clip = w.choose("gradient_clipping", "auto", OptimizerConfig.grad_clip,
+                        "tierlift's default optimizer.grad_clip")
+    w.put("optimizer.grad_clip", clip, "gradient_clipping")
     if "gradient_clipping" not in top:
         w.notes.append("no gradient_clipping: clipping is off, as in DeepSpeed (tierlift's own default is 1.0).")
     map_optimizer(w, top.get("optimizer"))
@@ -198,18 +234,24 @@ def from_deepspeed(d: Mapping[str, Any], *, world_size: int | None = None,
     map_zero(w, top.get("zero_optimization"), aio, compute)
     w.notes.append("model, data and run are not part of DeepSpeed configs: they keep tierlift's defaults; "
                    "set them in the converted YAML.")
-    cfg = _build(w)
+    cfg = _build(w, cfg_cls)
     if w.problems:
         raise DeepSpeedConfigError(w.problems)
+    if w.ignored:
+        # Named once: tierlift does not do what these ask, and the numbers trained are the same without them.
+        w.notes.append("ignored (tierlift does not honour them; ignoring them cannot change the numbers "
+                       "trained): " + "; ".join(w.ignored) + ".")
+        log.warning("ds-config: %s", w.notes[-1])
     for note in w.notes:
         log.info("DeepSpeed config: %s", note)
-    cfg._deepspeed_notes = list(w.notes)  # not a field: read by render_config, ignored by ==
+    cfg._deepspeed_notes = list(w.notes)  # not fields: read by render_config and the Trainer, ignored by ==
+    cfg._deepspeed_choices = list(w.choices)
     if notes is not None:
         notes.extend(w.notes)
     return cfg
 
 
-def _build(w: Walk) -> TrainConfig | None:
+def _build(w: Walk, cfg_cls: type[C]) -> C | None:
     """Validate each section, collecting every field's error (not only the first)."""
     built = {}
     for name, cls in _SECTIONS.items():
@@ -222,43 +264,7 @@ def _build(w: Walk) -> TrainConfig | None:
     if w.problems:
         return None
     try:
-        return TrainConfig(**built)
+        return cfg_cls(**built)
     except ConfigError as exc:
         w.report(exc)
         return None
-
-
-def to_tierlift_yaml(d: Mapping[str, Any], source: str | None = None, *, world_size: int | None = None) -> str:
-    """DeepSpeed config ``d`` as a complete tierlift YAML (every default shown), its
-    header naming ``source`` and listing the mapping notes.  Loads back equal."""
-    cfg = from_deepspeed(d, world_size=world_size)
-    return render_config(cfg, source or "DeepSpeed config (mapped)")
-
-
-def convert_file(ds_json_path: str | os.PathLike, out_path: str | os.PathLike | None = None, *,
-                 overwrite: bool = False, world_size: int | None = None) -> str:
-    """Convert a DeepSpeed JSON file to tierlift YAML; returns the YAML text and, if
-    ``out_path`` is given, writes it there (never over an existing file unless
-    ``overwrite``)."""
-    src = os.fspath(ds_json_path)
-    data = read_config_file(src)
-    if not is_deepspeed_config(data):
-        raise ConfigError("is not a DeepSpeed config: none of its top-level keys (such as zero_optimization, "
-                          "train_micro_batch_size_per_gpu, bf16) are DeepSpeed's.", setting="config", value=src,
-                          fix="give a DeepSpeed JSON; a tierlift YAML needs no conversion.")
-    text = to_tierlift_yaml(data, src, world_size=world_size)
-    if out_path is not None:
-        dst = os.fspath(out_path)
-        if os.path.exists(dst) and not overwrite:
-            raise ConfigError("already exists; it was not overwritten.", setting="out", value=dst,
-                              fix="choose another output path, or allow overwriting "
-                                  "(overwrite=True; CLI: --overwrite).")
-        if os.path.isdir(dst):
-            raise ConfigError("is a directory.", setting="out", value=dst, fix="give a file path such as run.yaml.")
-        parent = os.path.dirname(os.path.abspath(dst))
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{dst}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:  # write then rename: no half-written config
-            f.write(text)
-        os.replace(tmp, dst)
-    return text

@@ -8,9 +8,16 @@ Every DeepSpeed key falls in one of four classes:
   accepted and any other is reported (``*_FIXED``: key -> (accepted values, fix));
 * no effect: a speed/logging knob whose purpose tierlift's design already serves;
   accepted and listed in the conversion notes (``*_NO_EFFECT``: key -> why);
+* ignored: not honoured, but ignoring it cannot change the numbers trained
+  (logging, DeepSpeed's checkpoint-file options); accepted and named once in a
+  warning (``*_IGNORED``: key -> why).  A key both fixed and ignored is silent at
+  its fixed value and ignored (not refused) at any other;
 * unsupported: known to DeepSpeed, not honoured by tierlift, with a specific fix
   (``*_UNSUPPORTED``: key -> (message, fix)).  Any other key is reported as unknown
   with the nearest supported key.
+
+``*_AUTO``: the mapped keys that may be "auto" (tierlift decides; a no-effect key
+may always be "auto").
 """
 
 from __future__ import annotations
@@ -30,13 +37,34 @@ TOP_FIXED = {
     "dump_state": ((False,), "remove it: render_config / the converted YAML shows the resolved config."),
 }
 
+TOP_AUTO = frozenset({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                      "gradient_clipping"})
+
+TOP_IGNORED = {
+    "activation_checkpointing": "configures DeepSpeed's deepspeed.checkpointing API, which tierlift does not "
+                                "provide; set train.activation_checkpointing: true for tierlift's recompute",
+    "checkpoint": "DeepSpeed's checkpoint-file options; tierlift checkpoints are sharded, atomic and resume at "
+                  "any world size",
+    "memory_breakdown": "tierlift's telemetry records memory per tier in run.dir",
+    "dump_state": "`tierlift config show` prints the resolved config",
+}
+
 TOP_NO_EFFECT = {
     "wall_clock_breakdown": "tierlift always records per-step timings in the run directory",
     "zero_allow_untested_optimizer": "tierlift only steps its own shard optimizers (AdamW, SGD)",
     "zero_force_ds_cpu_optimizer": "tierlift's CPU optimizer step is torch's fused AdamW",
 }
 
-# Sections that are accepted only while switched off: {"enabled": false}.
+# Monitors only write logs: enabled, they are ignored with a warning (tierlift writes its own metrics).
+MONITORS = {
+    "tensorboard": "tierlift writes metrics (Parquet) to run.dir; `tierlift report` plots them",
+    "wandb": "tierlift writes metrics (Parquet) to run.dir; `tierlift report` plots them",
+    "csv_monitor": "tierlift writes metrics (Parquet) to run.dir",
+    "comms_logger": "tierlift's telemetry records collective timings",
+    "flops_profiler": "tierlift reports tokens/s per step",
+}
+
+# Sections that are accepted only while switched off: {"enabled": false} (or, for MONITORS, ignored).
 TOP_DISABLED_ONLY = {
     "tensorboard": "tierlift writes metrics (Parquet) to run.dir; remove the section.",
     "wandb": "tierlift writes metrics (Parquet) to run.dir; remove the section.",
@@ -47,14 +75,8 @@ TOP_DISABLED_ONLY = {
 }
 
 TOP_UNSUPPORTED = {
-    "activation_checkpointing": (
-        "configures DeepSpeed's deepspeed.checkpointing API, which tierlift does not provide.",
-        "remove the section and set train.activation_checkpointing: true in the converted YAML "
-        "(tierlift recomputes every wrap unit)."),
     "data_types": ("is not supported: tierlift accumulates gradients in its own fixed dtypes.",
                    "remove the section."),
-    "checkpoint": ("is not supported: tierlift checkpoints are sharded, atomic and resumable at any "
-                   "world size without these options.", "remove the section."),
     "pipeline": ("is not supported: tierlift has no pipeline parallelism.", "remove the section."),
     "elasticity": ("is not supported: tierlift has no elastic batch sizes.", "remove the section."),
 }
@@ -63,7 +85,16 @@ TOP_UNSUPPORTED = {
 ZERO_MAPPED = frozenset({
     "stage", "offload_param", "offload_optimizer", "sub_group_size", "stage3_prefetch_bucket_size",
     "stage3_max_live_parameters", "stage3_param_persistence_threshold", "stage3_max_reuse_distance",
+    "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory",  # DeepSpeed's deprecated spellings
 })
+ZERO_AUTO = frozenset({"stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "sub_group_size",
+                       "stage3_max_live_parameters", "stage3_max_reuse_distance"})
+ZERO_IGNORED = {
+    "ignore_unused_parameters": "tierlift tolerates unused parameters (their slice of the chunk gradient "
+                                "stays zero); DeepSpeed's false only turns them into an error",
+    "legacy_stage1": "a DeepSpeed implementation choice; the numbers are the same",
+    "elastic_checkpoint": "tierlift checkpoints resume at any world size",
+}
 
 _COMM = ("tierlift reduces and gathers whole chunks, overlapped with compute, so DeepSpeed's "
          "bucketing and overlap knobs have nothing to tune")
@@ -97,12 +128,7 @@ ZERO_FIXED = {
     "compute_grad_norm": ((True,), "remove it: tierlift always computes the global gradient norm."),
 }
 
-ZERO_UNSUPPORTED = {
-    "cpu_offload": ("is DeepSpeed's deprecated spelling.", 'use "offload_optimizer": {"device": "cpu"}.'),
-    "cpu_offload_param": ("is DeepSpeed's deprecated spelling.", 'use "offload_param": {"device": "cpu"}.'),
-    "cpu_offload_use_pin_memory": ("is DeepSpeed's deprecated spelling.",
-                                   'use "pin_memory" inside offload_param / offload_optimizer.'),
-}
+ZERO_UNSUPPORTED: dict = {}
 
 # -- offload_param / offload_optimizer --------------------------------------
 OFFLOAD_MAPPED = {
@@ -176,6 +202,7 @@ OPTIMIZER_PARAMS_UNSUPPORTED = {
                       "use the top-level gradient_clipping."),
 }
 OPTIMIZER_TYPES = ("Adam", "AdamW", "SGD")
+OPTIMIZER_AUTO = frozenset({"lr", "betas", "eps", "weight_decay", "momentum"})
 
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 SCHEDULER_PARAMS = {
@@ -186,10 +213,12 @@ SCHEDULER_PARAMS = {
     "WarmupCosineLR": frozenset({"total_num_steps", "warmup_min_ratio", "warmup_num_steps",
                                  "cos_min_ratio", "warmup_type", "last_batch_iteration"}),
 }
+SCHEDULER_AUTO = frozenset({"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps",
+                            "warmup_min_ratio", "cos_min_ratio", "warmup_type"})
 SCHEDULER_FIXED = {
     "last_batch_iteration": ((-1,), "remove it: tierlift resumes the schedule from its checkpoint's step."),
 }
 
 # Keys whose presence marks a mapping as DeepSpeed's (tierlift YAML has none of them).
 MARKERS = (TOP_MAPPED - {"optimizer", "scheduler"}) | set(TOP_FIXED) | set(TOP_NO_EFFECT) \
-    | set(TOP_DISABLED_ONLY) | {"activation_checkpointing", "data_types", "elasticity"}
+    | set(TOP_DISABLED_ONLY) | set(TOP_IGNORED) | {"data_types", "elasticity"}

@@ -15,17 +15,18 @@ from typing import TYPE_CHECKING, Any, Mapping
 from tierlift._configbase import from_dict, nearest
 from tierlift.errors import ConfigError
 from tierlift.offload.policy import AioConfig
-from tierlift.parallel.config import OptimizerConfig
+from tierlift.parallel.config import OptimizerConfig, ZeroConfig
 from tierlift.runtime import deepspeed_keys as K
+from tierlift.runtime.deepspeed_auto import auto_precision
+from tierlift.runtime.schedule import SchedulerConfig
 
 if TYPE_CHECKING:
     from tierlift.runtime.deepspeed_compat import Walk
 
-__all__ = ["collect_errors", "map_batch_sizes", "map_optimizer", "map_scheduler", "map_precision", "map_aio",
+__all__ = ["collect_errors", "map_optimizer", "map_scheduler", "map_precision", "map_aio",
            "map_zero"]
 
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of the compute dtype
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def collect_errors(cls: type, body: Mapping[str, Any], path: str) -> list[ConfigError]:
@@ -66,67 +67,6 @@ def _nested(cls: type, key: str, value: Any) -> tuple[type, Mapping[str, Any]] |
     return None
 
 
-def map_batch_sizes(w: Walk, top: Mapping[str, Any], raw: Mapping[str, Any], world_size: int | None) -> None:
-    """train_batch_size = micro_batch * grad_accum * world size, as in DeepSpeed: any
-    two determine the third, but only with the world size known; without it a
-    missing micro-batch or accumulation count cannot be derived.  ``top``: the
-    accepted top-level keys; ``raw``: the config as given."""
-    vals: dict[str, int | None] = {}
-    for key in _BATCH_KEYS:
-        v = top.get(key)
-        if v is None or v == "auto":
-            vals[key] = None
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 1:
-            w.problem(key, v, "must be a positive integer.", "give a whole number >= 1.")
-            return
-        else:
-            vals[key] = int(v)
-    tbs, mbs, gas = (vals[k] for k in _BATCH_KEYS)
-    if top.get("train_batch_size") == "auto":
-        w.notes.append("train_batch_size='auto': the global batch is derived (micro-batch x accumulation x ranks).")
-    if world_size is not None and tbs is not None:
-        if mbs is None and gas is None:
-            gas = 1
-        if mbs is None:
-            mbs, rest = divmod(tbs, gas * world_size)
-            bad = ("train_micro_batch_size_per_gpu", rest or not mbs)
-        elif gas is None:
-            gas, rest = divmod(tbs, mbs * world_size)
-            bad = ("gradient_accumulation_steps", rest or not gas)
-        else:
-            bad = ("train_batch_size", tbs != mbs * gas * world_size)
-        if bad[1]:
-            w.problem(bad[0], top.get(bad[0]), f"does not fit train_batch_size={tbs} on {world_size} ranks "
-                      f"(train_batch_size = micro-batch x accumulation x ranks).",
-                      "give batch sizes whose product matches train_batch_size.")
-            return
-    elif tbs is not None and (mbs is None or gas is None):
-        missing = "train_micro_batch_size_per_gpu" if mbs is None else "gradient_accumulation_steps"
-        if missing in raw:
-            return  # present but unusable ('auto'): already reported
-        w.problem(missing, None, f"is missing, and with train_batch_size={tbs} it depends on the number of "
-                  "ranks, which a config does not know.",
-                  f"add {missing} (train_batch_size = micro-batch x accumulation x ranks), "
-                  "or remove train_batch_size.")
-        return
-    elif tbs is not None and tbs % (mbs * gas):
-        w.problem("train_batch_size", tbs, f"is not a multiple of train_micro_batch_size_per_gpu x "
-                  f"gradient_accumulation_steps = {mbs * gas}.", "fix one of the three batch settings.")
-        return
-    if mbs is None:
-        if "train_micro_batch_size_per_gpu" not in raw:  # else already reported (e.g. 'auto')
-            w.problem("train_micro_batch_size_per_gpu", None, "is missing (DeepSpeed requires it or "
-                      "train_batch_size).", "add train_micro_batch_size_per_gpu, the samples per rank per "
-                      "forward pass.")
-        return
-    w.put("train.micro_batch_size", mbs, "train_micro_batch_size_per_gpu")
-    w.put("train.grad_accum_steps", gas or 1, "gradient_accumulation_steps")
-    w.put("train.global_batch_size", tbs or 0, "train_batch_size")
-    if tbs is not None and world_size is None:
-        w.notes.append(f"train_batch_size={tbs} implies {tbs // (mbs * (gas or 1))} ranks; the trainer checks "
-                       "train.global_batch_size against the actual world size at launch.")
-
-
 def map_optimizer(w: Walk, opt: Any) -> None:
     if opt is None:
         w.notes.append("no optimizer section: DeepSpeed would use the script's optimizer; tierlift uses "
@@ -151,7 +91,11 @@ def map_optimizer(w: Walk, opt: Any) -> None:
                        set(defaults) | ({"adam_w_mode"} if adam else set()),
                        unsupported=K.OPTIMIZER_PARAMS_UNSUPPORTED,
                        fixed=K.ADAM_FIXED if adam else K.SGD_FIXED,
-                       no_effect=K.ADAM_NO_EFFECT if adam else {})
+                       no_effect=K.ADAM_NO_EFFECT if adam else {}, auto_ok=K.OPTIMIZER_AUTO)
+    tl_defaults = OptimizerConfig()
+    for key in [k for k, v in params.items() if v == "auto"]:
+        params[key] = w.choose(f"optimizer.params.{key}", "auto", getattr(tl_defaults, key),
+                               f"tierlift's default optimizer.{key}")
     w.put("optimizer.name", "adamw" if adam else "sgd", "optimizer.type")
     for key, default in defaults.items():
         w.put(f"optimizer.{key}", params.get(key, default), f"optimizer.params.{key}")
@@ -169,9 +113,7 @@ def map_optimizer(w: Walk, opt: Any) -> None:
         elif name == "adam":
             w.notes.append(f"optimizer.type=Adam with weight_decay={wd}: decoupled weight decay (AdamW), as "
                            "DeepSpeed does by default (adam_w_mode=true); tierlift optimizer.name: adamw.")
-    if isinstance(wd, (int, float)) and wd:
-        w.notes.append("tierlift applies weight_decay only to parameters with 2 or more dimensions (not to "
-                       "biases or norm weights); DeepSpeed applies it to every parameter of the group.")
+    w.put("optimizer.decay_1d", True, "optimizer.params.weight_decay")  # DeepSpeed decays biases/norms too
 
 
 def map_scheduler(w: Walk, sch: Any) -> None:
@@ -190,8 +132,10 @@ def map_scheduler(w: Walk, sch: Any) -> None:
                       f"use one of {list(K.SCHEDULER_TYPES)}" + (f" (did you mean {hint!r}?)" if hint else "")
                       + "; OneCycle and LRRangeTest are not supported.")
         return
-    p = w.section(sec.get("params", {}), "scheduler.params", K.SCHEDULER_PARAMS[kind], fixed=K.SCHEDULER_FIXED)
+    p = w.section(sec.get("params", {}), "scheduler.params", K.SCHEDULER_PARAMS[kind], fixed=K.SCHEDULER_FIXED,
+                  auto_ok=K.SCHEDULER_AUTO)
     at = "scheduler.params."
+    _auto_schedule(w, p, at)
     w.put("scheduler.kind", {"WarmupLR": "constant", "WarmupDecayLR": "linear",
                              "WarmupCosineLR": "cosine"}[kind], "scheduler.type")
     w.put("scheduler.warmup_steps", p.get("warmup_num_steps", 1000), at + "warmup_num_steps")
@@ -213,6 +157,8 @@ def map_scheduler(w: Walk, sch: Any) -> None:
     peak = OptimizerConfig.lr if opt_lr is None else opt_lr
     default_max = None if kind == "WarmupLR" else 0.001  # DeepSpeed: WarmupLR falls back to the optimizer lr
     max_lr = p.get("warmup_max_lr", default_max)
+    if max_lr == "auto":  # the optimizer's lr, as the Hugging Face integration fills it
+        max_lr = w.choose(at + "warmup_max_lr", "auto", peak, "the optimizer's lr")
     min_lr = p.get("warmup_min_lr", 0.0)
     if max_lr is not None:
         if opt_lr is not None and opt_lr != max_lr:
@@ -234,11 +180,32 @@ def map_scheduler(w: Walk, sch: Any) -> None:
     w.put("scheduler.min_lr_ratio", min_lr / peak, at + "warmup_min_lr")
 
 
+def _auto_schedule(w: Walk, p: dict, at: str) -> None:
+    """Decide the scheduler params given as "auto" (but warmup_max_lr, which
+    follows the optimizer's lr): tierlift's schedule defaults, the decay ending
+    at the run's train.max_steps."""
+    d = SchedulerConfig()
+    fills = {"warmup_num_steps": (d.warmup_steps, "tierlift's default scheduler.warmup_steps"),
+             "warmup_type": (d.warmup_type, "tierlift's default scheduler.warmup_type"),
+             "total_num_steps": (0, "scheduler.total_steps 0: the decay ends at the run's train.max_steps"),
+             "warmup_min_lr": (0.0, "the warmup starts from lr 0"),
+             "warmup_min_ratio": (d.warmup_min_ratio, "tierlift's default scheduler.warmup_min_ratio"),
+             "cos_min_ratio": (d.min_lr_ratio, "tierlift's default scheduler.min_lr_ratio")}
+    for key in [k for k, v in p.items() if v == "auto" and k in fills]:
+        p[key] = w.choose(at + key, "auto", *fills[key])
+
+
 def map_precision(w: Walk, top: Mapping[str, Any]) -> str:
     """Map fp16 / bf16 / communication_data_type; returns the compute dtype."""
-    fp16 = w.section(top.get("fp16"), "fp16", K.FP16_MAPPED, fixed=K.FP16_FIXED)
+    fp16 = w.section(top.get("fp16"), "fp16", K.FP16_MAPPED, fixed=K.FP16_FIXED, auto_ok={"enabled"})
     bkey = "bfloat16" if "bfloat16" in top and "bf16" not in top else "bf16"
-    bf16 = w.section(top.get(bkey), bkey, K.BF16_MAPPED, fixed=K.BF16_FIXED, no_effect=K.BF16_NO_EFFECT)
+    bf16 = w.section(top.get(bkey), bkey, K.BF16_MAPPED, fixed=K.BF16_FIXED, no_effect=K.BF16_NO_EFFECT,
+                     auto_ok={"enabled"})
+    fp16_in, bf16_in = fp16.get("enabled", False), bf16.get("enabled", False)
+    fp16_out, bf16_out = auto_precision(w, fp16_in, bf16_in, bkey)
+    for sec, value_in, value_out in ((fp16, fp16_in, fp16_out), (bf16, bf16_in, bf16_out)):
+        if value_in == "auto":
+            sec["enabled"] = value_out
     for sec, key in ((fp16, "fp16"), (bf16, bkey)):
         if not isinstance(sec.get("enabled", False), bool):
             w.problem(f"{key}.enabled", sec["enabled"], "must be true or false.", "write true or false.")
@@ -287,7 +254,23 @@ def map_aio(w: Walk, aio: Any) -> dict | None:
 
 def map_zero(w: Walk, zero: Any, aio: dict | None, compute: str) -> None:
     z = w.section(zero, "zero_optimization", K.ZERO_MAPPED, unsupported=K.ZERO_UNSUPPORTED,
-                  fixed=K.ZERO_FIXED, no_effect=K.ZERO_NO_EFFECT)
+                  fixed=K.ZERO_FIXED, no_effect=K.ZERO_NO_EFFECT, ignored=K.ZERO_IGNORED, auto_ok=K.ZERO_AUTO)
+    _deprecated_offload(w, z)
+    d = ZeroConfig()
+    for ds_key, tl_key, why in (
+            ("sub_group_size", "sub_group_size", "one optimizer step per chunk shard"),
+            ("stage3_max_live_parameters", "max_live_params", "no bound beyond zero.prefetch_units"),
+            ("stage3_param_persistence_threshold", "persistence_threshold",
+             "every chunk sharded: tierlift's chunks are whole wrap units, never single small parameters"),
+            ("stage3_max_reuse_distance", "max_reuse_distance", "unset: keep gathered for the backward only "
+                                                                "with parameters on NVMe"),
+            ("stage3_prefetch_bucket_size", "prefetch_bytes", f"prefetch bounded by zero.prefetch_units="
+                                                              f"{d.prefetch_units} wrap units of the model")):
+        if z.get(ds_key) == "auto":
+            value = w.choose(f"zero_optimization.{ds_key}", "auto", getattr(d, tl_key),
+                             f"tierlift's default zero.{tl_key}: {why}")
+            w.put(f"zero.{tl_key}", value, f"zero_optimization.{ds_key}")
+            del z[ds_key]
     stage = z.get("stage", 0)
     if stage == 0 and not isinstance(stage, bool):
         what = "zero_optimization.stage=0" if "stage" in z else "no zero_optimization.stage (stage 0)"
@@ -314,6 +297,22 @@ def map_zero(w: Walk, zero: Any, aio: dict | None, compute: str) -> None:
         nvme |= _map_offload(w, z.get(f"offload_{role}"), role, aio)
     if aio is not None and not nvme:
         w.notes.append("aio has no effect: nothing is offloaded to NVMe (as in DeepSpeed).")
+
+
+def _deprecated_offload(w: Walk, z: dict) -> None:
+    """cpu_offload / cpu_offload_param (DeepSpeed's deprecated spellings) as the
+    offload_optimizer / offload_param sections DeepSpeed turns them into."""
+    pin = z.pop("cpu_offload_use_pin_memory", None)
+    for old, role in (("cpu_offload", "optimizer"), ("cpu_offload_param", "param")):
+        if old not in z:
+            continue
+        value = z.pop(old)
+        if not isinstance(value, bool):
+            w.problem(f"zero_optimization.{old}", value, "must be true or false.", "write true or false.")
+        elif value and f"offload_{role}" not in z:
+            z[f"offload_{role}"] = {"device": "cpu", "pin_memory": bool(pin)}
+            w.notes.append(f"zero_optimization.{old}=true (deprecated): offload_{role} device cpu, as DeepSpeed "
+                           "reads it.")
 
 
 def _map_offload(w: Walk, sec_in: Any, role: str, aio: dict | None) -> bool:

@@ -9,7 +9,12 @@ import os
 from typing import Any
 
 from tierlift.errors import CheckpointError
+from tierlift.models import build_model
+from tierlift.runtime.checkpoint import latest_checkpoint
 from tierlift.runtime.config import TrainConfig
+from tierlift.runtime.data import build_dataset
+from tierlift.runtime.outdir import write_text_atomic
+from tierlift.runtime.trainer import Trainer
 
 __all__ = ["run_training"]
 
@@ -18,11 +23,6 @@ log = logging.getLogger("tierlift.entry")
 
 def run_training(cfg_dict: dict[str, Any], run_dir: str, resume: bool = False,
                  max_steps: int | None = None) -> dict[str, Any]:
-    from tierlift.models import build_model
-    from tierlift.runtime.checkpoint import latest_checkpoint
-    from tierlift.runtime.data import build_dataset
-    from tierlift.runtime.trainer import Trainer
-
     cfg = TrainConfig.from_dict(cfg_dict)
     model = build_model(cfg.model, seed=cfg.train.seed)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or cfg.model.vocab_size
@@ -35,7 +35,11 @@ def run_training(cfg_dict: dict[str, Any], run_dir: str, resume: bool = False,
             raise CheckpointError("has no complete checkpoint to resume from.", setting="--resume",
                                   value=run_dir, fix="drop --resume to start fresh, or point --run-dir at the "
                                                      "run you want to continue.")
-        trainer.load(ckpt)
+        trainer.load(ckpt)  # collective: a refused checkpoint raises on every rank
+    if trainer.rank == 0 and run_dir:
+        # Only now, with the run accepted: a refused --resume leaves the old config.yaml.
+        # trainer.cfg: batch sizes derived from the world size filled in (mpi: known only here).
+        write_text_atomic(os.path.join(run_dir, "config.yaml"), trainer.cfg.to_yaml())
     summary = trainer.fit(max_steps=max_steps)
     if trainer.rank == 0 and summary.losses:
         log.info("done: %d steps, loss %.4f -> %.4f, %.0f tokens/s", summary.steps, summary.losses[0],

@@ -5,7 +5,10 @@ and shapes, cast to fp32 / bf16 / fp16: ``model.safetensors`` when everything fi
 in ``max_shard_bytes``, else ``model-00001-of-0000N.safetensors`` shards plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes},
 "weight_map": {name: file}}``), which ``from_pretrained`` reads.  Tied weights are
-written under every name as separate copies (safetensors forbids shared storage).
+written under every name as separate copies (safetensors forbids shared storage),
+except for a Hugging Face model: then the directory is one ``from_pretrained``
+loads as is (config.json, generation_config.json, each tie written once; see
+``export_hf``).
 
 Each tensor is assembled from the rank-file pieces that hold it, read slice by
 slice and streamed to disk, so host memory stays at one I/O slice
@@ -24,18 +27,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from tierlift.errors import CheckpointError
 from tierlift.runtime import checkpoint_io as cio
+from tierlift.runtime.checkpoint_check import check_rank_file, open_rank_file
+from tierlift.runtime.export_hf import hf_export_for, tied_names_to_drop, write_hf_metadata
+from tierlift.runtime.outdir import ensure_writable_dir
 
-__all__ = ["export_safetensors", "EXPORT_DTYPES"]
+__all__ = ["export_safetensors", "export_source", "EXPORT_DTYPES"]
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files this exporter owns in out_dir (removed before an overwrite so that a stale
 # single file never sits next to a new sharded index, which would confuse loaders).
-_OWN_FILES = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\.partial)?$")
+_OWN_FILES = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\.partial)?"
+                        r"|config\.json|generation_config\.json)$")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -55,20 +62,36 @@ def _plan_shards(tensors: list[tuple[str, str, tuple[int, ...]]], itemsize: int,
     return shards
 
 
-def export_safetensors(run_or_ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
-                       max_shard_bytes: int = 5 * 2**30, show_progress: bool = True, *, overwrite: bool = False,
-                       verify: bool = True) -> list[str]:
-    """Write the newest complete checkpoint under ``run_or_ckpt_dir`` (or that
-    checkpoint dir itself) to ``out_dir``; returns the written file paths (shards,
-    then the index when sharded).  ``verify`` checks every rank file's sha256 first.
-    Refuses a non-empty ``out_dir`` unless ``overwrite``; then only this exporter's
-    own files (model*.safetensors, the index) are replaced, others are kept."""
+def export_source(run_or_ckpt_dir: str | os.PathLike) -> tuple[str, int | None]:
+    """The checkpoint ``export_safetensors`` exports from ``run_or_ckpt_dir`` (the
+    newest complete one, or that checkpoint dir itself) and its optimizer step
+    (the trainer's recorded step, else the ``step-N`` dir name; None if neither)."""
     ckpt = cio.latest_checkpoint(run_or_ckpt_dir)
     if ckpt is None:
         raise CheckpointError(f"no complete checkpoint in {run_or_ckpt_dir}", setting="checkpoint dir",
                               value=str(run_or_ckpt_dir),
                               fix="point at a run dir holding checkpoints/step-* (written when "
                                   "train.checkpoint_every > 0) or at one checkpoint dir.")
+    step = cio.read_manifest(ckpt)["extra"].get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        m = _STEP_DIR.match(Path(ckpt).name)
+        step = int(m[1]) if m else None
+    return ckpt, step
+
+
+def export_safetensors(run_or_ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32",
+                       max_shard_bytes: int = 5 * 2**30, show_progress: bool = True, *, overwrite: bool = False,
+                       verify: bool = True, hf_config: Any = None) -> list[str]:
+    """Write the newest complete checkpoint under ``run_or_ckpt_dir`` (or that
+    checkpoint dir itself) to ``out_dir``; returns the written file paths (shards,
+    then the index when sharded, then config.json and generation_config.json for
+    a Hugging Face model).  ``verify`` checks every rank file's sha256 first.
+    A Hugging Face model is recognised from the run's config.yaml (``model.kind:
+    hf``) or given as ``hf_config`` (its ``transformers`` config, e.g. ``model.config``
+    for a model trained through the Trainer API).  Refuses a non-empty ``out_dir``
+    unless ``overwrite``; then only this exporter's own files (model*.safetensors,
+    the index, config.json, generation_config.json) are replaced, others are kept."""
+    ckpt, _ = export_source(run_or_ckpt_dir)
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError("unknown export dtype", setting="dtype", value=dtype,
                               fix=f"use one of {', '.join(EXPORT_DTYPES)}.")
@@ -85,10 +108,16 @@ def export_safetensors(run_or_ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     manifest = cio.read_manifest(ckpt)
     if verify:
         cio.verify_files(ckpt, manifest)
+    for r in range(manifest["world_size"]):  # every header checked before out_dir is touched
+        check_rank_file(Path(ckpt), manifest, r)
     params, index = manifest["params"], cio.piece_index(manifest)
     tensors = [(name, name, tuple(spec["shape"])) for name, spec in params.items()]
     tensors += [(alias, target, tuple(params[target]["shape"]))
                 for alias, target in manifest["aliases"].items() if alias not in params and target in params]
+    hf = hf_export_for(ckpt, hf_config)
+    if hf is not None:
+        drop = tied_names_to_drop(hf, params, manifest["aliases"])
+        tensors = [t for t in tensors if t[0] not in drop]
     for name, src, _ in tensors:
         have = {k for p in index.get(src, []) for k in p[3]}
         if "param" not in have:
@@ -100,7 +129,7 @@ def export_safetensors(run_or_ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
     shards = _plan_shards(tensors, out_dtype.itemsize, max_shard_bytes)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, setting="--out", error=CheckpointError)
     for entry in os.listdir(out):
         if _OWN_FILES.match(entry):
             os.unlink(out / entry)
@@ -115,8 +144,8 @@ def export_safetensors(run_or_ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
 
         def open_file(r: int):
             if r not in handles:
-                handles[r] = stack.enter_context(
-                    safe_open(os.path.join(ckpt, manifest["files"][r]["file"]), framework="pt", device="cpu"))
+                # confined to the checkpoint dir, header checked against the manifest
+                handles[r] = stack.enter_context(open_rank_file(Path(ckpt), manifest, r))
             return handles[r]
 
         def produce(out_name: str, src: str, numel: int) -> Iterator[torch.Tensor]:
@@ -155,6 +184,8 @@ def export_safetensors(run_or_ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
             os.fsync(f.fileno())
         os.replace(partial, out / INDEX_NAME)
         written.append(str(out / INDEX_NAME))
+    if hf is not None:
+        written += write_hf_metadata(out, hf, dtype)
     cio.fsync_dir(out)
     if overflowed:
         warnings.warn(f"fp16 export: values beyond fp16's range (65504) became inf in {overflowed[:5]}"

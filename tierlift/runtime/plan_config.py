@@ -12,11 +12,22 @@ import json
 import os
 from dataclasses import replace
 
+import torch
+
+from tierlift.errors import ConfigError
+from tierlift.models import build_model
+from tierlift.offload.execplan import ExecutionPlan, build_execution_plan
+from tierlift.offload.policy import NVMeOffload
+from tierlift.runtime.plan_types import HOST_BASE_BYTES, Budgets, ModelShape, NodeRates, TrainingShape
+from tierlift.runtime.planner import plan
+from tierlift.system import calibrate
+from tierlift.system.probe import probe_node
+
 __all__ = ["estimate_activation_bytes", "build_meta", "node_rates", "budgets_for", "training_shape",
-           "plan_for_config"]
+           "plan_for_config", "execution_plan_for"]
 
 _TINY_PARAMS = 50_000_000  # CPU fallback only below this (200 MB in fp32)
-_DEFAULT_GPU_BYTES = 78 << 30  # what one H100 80GB leaves to PyTorch (design.md §4 node)
+_DEFAULT_GPU_BYTES = 78 << 30  # what one H100 80GB leaves to PyTorch (the reference node, docs/planning.md)
 
 
 def estimate_activation_bytes(model_cfg, tokens: int, c: int, checkpointing: bool) -> int:
@@ -48,9 +59,6 @@ def _hf_path_config(path: str) -> dict:
 
 
 def build_meta(cfg, notes: list[str]):
-    import torch
-    from tierlift.errors import ConfigError
-    from tierlift.models import build_model
     try:
         with torch.device("meta"):
             return build_model(cfg.model)
@@ -78,19 +86,15 @@ def _rough_params(m) -> int | None:
 
 def node_rates(cfg, notes: list[str]):
     """Rates from this node's calibration cache (the file ``load_or_calibrate`` keeps),
-    else design.md §4's H100 numbers.  Planning only reads the cache, never measures."""
-    from tierlift.offload.policy import NVMeOffload
-    from tierlift.runtime.planner import NodeRates
+    else the reference H100 node's (docs/planning.md).  Planning only reads the cache, never measures."""
     d = NodeRates()
     assumed = (f"H2D/D2H {d.h2d_gbps:g}/{d.d2h_gbps:g} GB/s, disk {d.disk_read_gbps:g}/{d.disk_write_gbps:g} GB/s, "
                f"CPU AdamW {d.cpu_adam_params_s / 1e9:g} G/s, GPU AdamW {d.gpu_adam_params_s / 1e9:g} G/s, "
-               f"{d.gpu_flops / 1e12:g} TFLOP/s x mfu {d.mfu:g} (design.md §4, one H100)")
+               f"{d.gpu_flops / 1e12:g} TFLOP/s x mfu {d.mfu:g} (the reference H100 node, docs/planning.md)")
     opt = cfg.offload.optimizer
     nvme = opt.path if isinstance(opt, NVMeOffload) else None
     block = opt.aio.block_size if isinstance(opt, NVMeOffload) else 8 << 20
     try:
-        from tierlift.system import calibrate
-        from tierlift.system.probe import probe_node
         profile = probe_node(nvme)
         if nvme is None and profile.nvme is not None:
             nvme = profile.nvme.path
@@ -98,7 +102,7 @@ def node_rates(cfg, notes: list[str]):
         if cal is None:
             notes.append(f"no calibration cache for this node ({path}); assumed {assumed}")
             return d
-    except Exception as exc:  # calibrate.py missing or changed: plan with the defaults, and say so
+    except Exception as exc:  # a probe or cache read that fails: plan with the defaults, and say so
         notes.append(f"no calibration ({type(exc).__name__}: {exc}); assumed {assumed}")
         return d
     names = {"h2d_gbps": "h2d_gbps", "d2h_gbps": "d2h_gbps", "disk_read_gbps": "disk_read_gbps",
@@ -107,7 +111,7 @@ def node_rates(cfg, notes: list[str]):
     found = {ours: getattr(cal, theirs, None) for ours, theirs in names.items()}
     missing = [k for k, v in found.items() if v is None]
     if missing:
-        notes.append(f"calibration cache lacks {', '.join(missing)}: design.md §4 defaults used for those")
+        notes.append(f"calibration cache lacks {', '.join(missing)}: the reference node's defaults (docs/planning.md) used for those")
     return replace(d, **{k: v for k, v in found.items() if v is not None}, source=f"calibration cache {path}")
 
 
@@ -122,9 +126,8 @@ def _host_available() -> int | None:
 
 def budgets_for(cfg, ranks: int, notes: list[str], overrides: dict | None = None):
     """Per-rank budgets: ``overrides`` (tier -> bytes), else the config's
-    ``offload.*_budget_bytes``, else what this node has."""
-    from tierlift.offload.policy import NVMeOffload
-    from tierlift.runtime.planner import HOST_BASE_BYTES, Budgets
+    ``offload.*_budget_bytes``, else what this node has over its ``ranks`` (the ranks
+    per node: each node's memory and disk are shared by its own ranks only)."""
     out, given = {}, set()
     overrides = overrides or {}
     for tier in ("gpu", "host", "nvme"):
@@ -134,7 +137,6 @@ def budgets_for(cfg, ranks: int, notes: list[str], overrides: dict | None = None
             given.add(tier)
         out[tier] = value or None  # 0 = unbounded, as in the config
     if "gpu" not in given:
-        import torch
         if torch.cuda.is_available():
             out["gpu"] = torch.cuda.get_device_properties(0).total_memory
             notes.append(f"GPU budget: all of GPU 0 ({out['gpu'] / 2**30:.1f} GiB)")
@@ -147,7 +149,7 @@ def budgets_for(cfg, ranks: int, notes: list[str], overrides: dict | None = None
         if avail:
             out["host"] = max(0, avail - ranks * HOST_BASE_BYTES) // ranks
             notes.append(f"host budget: this node's MemAvailable {avail / 2**30:.1f} GiB less "
-                         f"{HOST_BASE_BYTES / 2**30:.1f} GiB per rank for the process, over {ranks} rank(s); "
+                         f"{HOST_BASE_BYTES / 2**30:.1f} GiB per rank for the process, over {ranks} rank(s) per node; "
                          "set --host-budget")
     opt = cfg.offload.optimizer
     if "nvme" not in given and isinstance(opt, NVMeOffload):
@@ -162,8 +164,7 @@ def budgets_for(cfg, ranks: int, notes: list[str], overrides: dict | None = None
 
 
 
-def training_shape(cfg, layout, units, world: int, notes: list[str]):
-    from tierlift.runtime.planner import TrainingShape
+def training_shape(cfg, layout, units, world: int, notes: list[str], ranks_per_node: int | None = None):
     c = {"fp32": 4, "bf16": 2, "fp16": 2}
     t, ac = cfg.train, cfg.train.activation_checkpointing
     tokens = t.micro_batch_size * cfg.data.seq_len
@@ -180,17 +181,31 @@ def training_shape(cfg, layout, units, world: int, notes: list[str]):
         deferred_step=cfg.optimizer.grad_clip > 0 or cfg.precision.compute == "fp16",
         zero_stage=cfg.zero.stage, active_params=active, optimizer=cfg.optimizer.name)
     notes.append(f"activations estimated from the model's widths: {shape.activation_bytes / 2**30:.2f} GiB "
-                 f"per micro-batch; all {world} rank(s) on one node; collectives assumed hidden")
+                 f"per micro-batch; {world} rank(s), {ranks_per_node or world} per node; collectives assumed hidden")
     return shape
 
 
 def plan_for_config(cfg, layout, units, world: int, notes: list[str], *, opt_kind: str, param_kind: str,
-                    budget_overrides: dict | None = None):
-    """The Plan for ``cfg`` over ``layout``; ConfigError when no budget fits."""
-    from tierlift.runtime.planner import ModelShape, plan
-    training = training_shape(cfg, layout, units, world, notes)
+                    budget_overrides: dict | None = None, ranks_per_node: int | None = None):
+    """The Plan for ``cfg`` over ``layout``; ConfigError when no budget fits.  Budgets and
+    node rates are per node, shared by ``ranks_per_node`` ranks (default: all on one)."""
+    rpn = ranks_per_node or world
+    training = training_shape(cfg, layout, units, world, notes, rpn)
     rates = node_rates(cfg, notes)
-    budgets = budgets_for(cfg, world, notes, budget_overrides)
+    budgets = budgets_for(cfg, rpn, notes, budget_overrides)
     buffers = getattr(cfg.offload.optimizer, "buffer_count", 8)
     return plan(ModelShape.from_layout(layout), budgets, rates, training, opt_kind, param_kind,
-                ranks_per_node=world, nvme_buffer_count=buffers, notes=notes)
+                ranks_per_node=rpn, nvme_buffer_count=buffers, notes=notes)
+
+
+def execution_plan_for(cfg, layout, result, *, rank: int = 0, gpu: bool = True) -> ExecutionPlan:
+    """The ExecutionPlan an engine runs for the costed ``result`` (a ``planner.Plan``):
+    its placement and prefetch depth over ``layout``, the config's NVMe pieces."""
+    item = {"fp32": 4, "bf16": 2, "fp16": 2}
+    return build_execution_plan(
+        list(layout), rank=rank, world_size=layout.world_size, ranks_per_node=result.ranks_per_node,
+        zero_stage=cfg.zero.stage, prefetch_units=result.prefetch_units, optimizer_kind=result.optimizer_kind,
+        param_kind=result.param_kind, optimizer_name=cfg.optimizer.name,
+        compute_itemsize=item[cfg.precision.compute], reduce_itemsize=item[cfg.precision.reduce], gpu=gpu,
+        optimizer_tiers=result.optimizer_tiers, nvme_buffer_size=getattr(cfg.offload.optimizer, "buffer_size", 0),
+        host_budget_bytes=int(result.budgets.host_bytes or 0))

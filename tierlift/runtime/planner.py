@@ -16,10 +16,12 @@ bytes; s: optimizer state bytes per element incl. the fp32 master (AdamW 12, SGD
         c n_i where it is on NVMe (the compute-dtype copy gathers read), + buffer_count
         x s x min(largest NVMe chunk, piece) (staging), + gradients: a 2-slot ring of
         the largest chunk (immediate) or 4 n_i per chunk (deferred).  RSS adds
-        HOST_BASE_BYTES.   NVMe: s n_i where state is on NVMe.
-Placement: the first k chunks' state in host memory, the rest on NVMe, exactly what
-NVMeOffload(max_in_cpu = n_0 + .. + n_{k-1}) does.  "auto" tries GPU, host and the
-largest k that fits, parameters on GPU or host, and keeps the fastest.
+        HOST_BASE_BYTES.   NVMe: s n_i where state is on NVMe (+ c n_i with parameters
+        there, offload.param: nvme, which then keep no host copy but 6 pinned read slots).
+Placement: ``offload/execplan.place_chunks``, the engine's own rule (first-fit in
+forward order of max_in_cpu elements).  "auto" tries GPU, host, and NVMe with
+max_in_cpu at each prefix sum of the shards and at the most the host budget allows,
+parameters on GPU or host, and keeps the fastest.
 
 Time per rank and step (M micro-batches; CPU and disk rates are per node, shared by
 ``ranks_per_node`` ranks; collectives assumed hidden behind compute):
@@ -38,8 +40,10 @@ Time per rank and step (M micro-batches; CPU and disk rates are per node, shared
   PCIe X = max(H2D, D2H), the directions are independent: grads r N_off per micro-batch
         D2H; parameters H2D as fp32 masters (4 B, cast on the GPU) from host-tier chunks
         and c from NVMe-tier ones, once per step, or on every gather (2 per micro-batch)
-        with parameters on the host.  Exposed = max(0, X - C) + the first copy + stalls
-        where prefetch is shallower than one group's copy needs.
+        with parameters on the host.  Parameters on NVMe add a disk read of c n_i per
+        NVMe-tier chunk and micro-batch (kept gathered forward to backward) to X.
+        Exposed = max(0, X - C) + the first copy + stalls where prefetch is shallower
+        than one group's copy needs.
   step = C + GPU optimizer + exposed host path + exposed PCIe.
 A model of floors: steps measured above it are what Policy reports and acts on.
 """
@@ -53,133 +57,20 @@ from itertools import groupby
 from typing import Sequence
 
 from tierlift.errors import ConfigError
-from tierlift.parallel.layout import ChunkLayout, UnitSpec, plan_chunks
+from tierlift.offload.execplan import optimizer_tiers_for
+from tierlift.offload.policy import CPUOffload, NoOffload, NVMeOffload, OffloadConfig
+from tierlift.runtime.plan_types import (CPU_PASS_FACTOR, GPU_SLACK, HOST_BASE_BYTES, MAX_PREFETCH,  # noqa: F401
+                                         PARAM_SLOTS, PIECE_NUMEL, _STATE_BYTES, Budgets, ChunkPlacement, GiB,
+                                         ModelShape, NodeRates, StepEstimate, TrainingShape, _count, _gib, _SETTING)
 
 __all__ = ["ModelShape", "Budgets", "NodeRates", "TrainingShape", "ChunkPlacement", "StepEstimate", "Plan",
            "plan", "GiB"]
-
-GiB = 1 << 30
-GPU_SLACK = 1.10            # caching-allocator fragmentation on transient GPU buffers
-HOST_BASE_BYTES = int(3.2 * GiB)  # process RSS without offload (design.md §4, DeepSpeed ZeRO-3 on L1B)
-# The worker's AdamW in a run vs its isolated calibration rate: on the H100 it stepped L1B
-# in 0.27 s/step against 0.17 s isolated (DMA of gradients and masters shares the memory
-# bus; benchmarks/results/zero_h100x1_offload-cpu.md and offload_phases_h100.json).
-CPU_PASS_FACTOR = 1.6
-PIECE_NUMEL = 16 << 20      # NVMe staging piece (tierlift/offload/nvme_state.py)
-MAX_PREFETCH = 8
-_STATE_BYTES = {"adamw": 12, "sgd": 8}  # per element: fp32 master + (m, v) or momentum
-_SETTING = {t: f"offload.{t}_budget_bytes" for t in ("gpu", "host", "nvme")}  # the config keys budgets map to
-
-
-def _gib(b: float | None) -> str:
-    return "unbounded" if b is None or b == math.inf else f"{b / GiB:.2f} GiB"
-
-
-def _count(n: float) -> str:
-    return next(f"{n / d:.{2 if d > 1e6 else 1}f} {u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, ""))
-                if n >= d or d == 1)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """One rank's view of the chunks, in forward order (root first)."""
-    shard_numel: tuple[int, ...]   # elements of this rank's shard, padding included
-    padded_numel: tuple[int, ...]  # elements of the gathered buffer
-    resident: tuple[bool, ...]     # stays gathered all step (root, persistent chunks)
-    params: int                    # unpadded parameters of the model (FLOPs)
-    world_size: int
-    groups: tuple[int, ...]        # gathered elements of each other group: the unit of gathers and prefetch
-    units: tuple[str, ...]         # module path of each chunk
-
-    @classmethod
-    def from_layout(cls, layout: ChunkLayout) -> "ModelShape":
-        cs, lead, sums = list(layout), {}, {}
-        for c in sorted(cs, key=lambda c: len(c.unit)):  # outer units first: MoE experts join their block
-            lead[c.unit] = lead.get(next((u for u in lead if u and c.unit.startswith(u + ".")), c.unit), c.index)
-            if c.unit and not c.persistent:
-                sums[lead[c.unit]] = sums.get(lead[c.unit], 0) + c.padded_numel
-        return cls(tuple(c.shard_numel for c in cs), tuple(c.padded_numel for c in cs),
-                   tuple(c.unit == "" or c.persistent for c in cs), layout.total_numel, layout.world_size,
-                   tuple(sums.values()), tuple(c.unit or "(root)" for c in cs))
-
-    @classmethod
-    def from_numels(cls, numels: Sequence[int], world_size: int = 1, align_bytes: int = 4096) -> "ModelShape":
-        """Synthetic model: chunk 0 is the root, the rest are units (tests, what-ifs)."""
-        specs = [UnitSpec("" if i == 0 else f"u{i}", ((f"p{i}", (int(n),)),)) for i, n in enumerate(numels)]
-        return cls.from_layout(plan_chunks(specs, world_size, align_bytes))
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Bytes per rank per tier, as the offload.*_budget_bytes settings; None = unbounded."""
-    gpu_bytes: int | None
-    host_bytes: int | None
-    nvme_bytes: int | None = None
-
-    def get(self, tier: str) -> float:
-        return math.inf if getattr(self, f"{tier}_bytes") is None else getattr(self, f"{tier}_bytes")
-
-
-@dataclass(frozen=True)
-class NodeRates:
-    """GB/s (1e9 B/s), fp32 params/s, FLOP/s.  Defaults: design.md §4 (one H100, PCIe Gen5,
-    virtio disk, 16 cores); mfu: the share of gpu_flops a step reaches (L1B: ~0.4-0.44)."""
-    h2d_gbps: float = 55.0
-    d2h_gbps: float = 55.0
-    disk_read_gbps: float = 1.9
-    disk_write_gbps: float = 1.9
-    cpu_adam_params_s: float = 4.8e9
-    gpu_adam_params_s: float = 88.7e9
-    gpu_flops: float = 756e12
-    mfu: float = 0.40
-    unit_fwd_s: tuple[float, ...] | None = None  # measured, per unit per micro-batch
-    unit_bwd_s: tuple[float, ...] | None = None
-    source: str = "defaults (design.md §4, H100 node)"
-
-
-@dataclass(frozen=True)
-class TrainingShape:
-    tokens_per_step: int            # per rank per optimizer step
-    activation_bytes: int           # peak live activations of one micro-batch, per rank
-    micro_batches: int = 1
-    compute_bytes: int = 2
-    reduce_bytes: int = 4
-    activation_checkpointing: bool = True
-    deferred_step: bool = True      # clipping / fp16: CPU steps overlap the next forward, not backward
-    zero_stage: int = 3
-    active_params: int | None = None  # FLOPs count (MoE: routed share); None = all parameters
-    optimizer: str = "adamw"        # adamw | sgd
-    grad_backlog_bytes: int = 4 << 30  # offload.grad_backlog_bytes (immediate steps)
-
-
-@dataclass(frozen=True)
-class ChunkPlacement:
-    index: int
-    optimizer_tier: str  # gpu | host | nvme
-    param_tier: str      # gpu | host
-    shard_numel: int
-
-
-@dataclass(frozen=True)
-class StepEstimate:  # seconds per optimizer step, per rank
-    compute_s: float
-    forward_s: float
-    backward_s: float
-    gpu_optimizer_s: float
-    cpu_optimizer_s: float
-    disk_s: float
-    pcie_s: float
-    overlap_window_s: float  # compute the host path hides behind
-    exposed_host_s: float
-    exposed_pcie_s: float
-    step_s: float
-    tokens_per_s: float
 
 
 @dataclass(frozen=True)
 class Plan:
     optimizer_kind: str  # none | cpu | nvme
-    param_kind: str      # none | cpu
+    param_kind: str      # none | cpu | nvme
     placements: tuple[ChunkPlacement, ...]
     max_in_cpu: int      # elements (NVMeOffload.max_in_cpu); 0 unless nvme
     prefetch_units: int
@@ -200,20 +91,27 @@ class Plan:
     def host_chunks(self) -> int:
         return sum(p.optimizer_tier == "host" for p in self.placements)
 
-    def replan(self, host_chunks: int | None = None, prefetch_units: int | None = None) -> "Plan":
-        """The same plan with k host-resident chunks (the rest on NVMe) or another
-        prefetch depth, re-costed.  Budgets are not enforced (Policy checks)."""
-        opt, k = self.optimizer_kind, self.host_chunks
-        if host_chunks is not None and host_chunks != k and opt != "none":
-            opt, k = ("nvme" if host_chunks < len(self.placements) else opt), host_chunks
-        return _evaluate(self.shape, self.training, self.rates, self.budgets, opt, self.param_kind, k,
+    @property
+    def optimizer_tiers(self) -> tuple[str, ...]:
+        return tuple(p.optimizer_tier for p in self.placements)
+
+    def replan(self, optimizer_tiers: Sequence[str] | None = None, prefetch_units: int | None = None) -> "Plan":
+        """The same plan with optimizer state where ``optimizer_tiers`` puts it (per chunk:
+        gpu | host | nvme, as the engine's ExecutionPlan has it) or another prefetch
+        depth, re-costed.  Budgets are not enforced (Policy checks)."""
+        tiers = self.optimizer_tiers if optimizer_tiers is None else tuple(optimizer_tiers)
+        opt = self.optimizer_kind if "nvme" not in tiers else "nvme"
+        return _evaluate(self.shape, self.training, self.rates, self.budgets, opt, self.param_kind, tiers,
                          self.prefetch_units if prefetch_units is None else prefetch_units,
                          self.ranks_per_node, self.nvme_buffer_count, self.notes)
 
     def to_offload_config(self, base=None, nvme_path: str | None = None):
         """An OffloadConfig: kinds, max_in_cpu and budgets from the plan; NVMe path,
-        aio and buffers from ``base`` (or ``nvme_path``)."""
-        from tierlift.offload.policy import CPUOffload, NoOffload, NVMeOffload, OffloadConfig
+        aio and buffers from ``base`` (or ``nvme_path``).  Only for a placement the
+        rule reproduces from max_in_cpu (what ``plan`` chooses); a re-planned one (a
+        policy move) lives in the engine's ExecutionPlan, not in a config."""
+        if optimizer_tiers_for(self.optimizer_kind, self.shape.shard_numel, self.max_in_cpu) != self.optimizer_tiers:
+            raise ValueError(f"placement {self.optimizer_tiers} is not what max_in_cpu={self.max_in_cpu} gives")
         base, b = base or OffloadConfig(), self.budgets
         src, pin = base.optimizer, getattr(base.optimizer, "pin_memory", True)
         optimizer = NoOffload() if self.optimizer_kind == "none" else CPUOffload(pin_memory=pin)
@@ -226,6 +124,8 @@ class Plan:
             optimizer = (replace(src, path=path, max_in_cpu=self.max_in_cpu) if isinstance(src, NVMeOffload) else
                          NVMeOffload(path=path, max_in_cpu=self.max_in_cpu, buffer_count=self.nvme_buffer_count))
         param = CPUOffload(getattr(base.param, "pin_memory", True)) if self.param_kind == "cpu" else NoOffload()
+        if self.param_kind == "nvme":  # parameters share the optimizer's extent file
+            param = NVMeOffload(path=optimizer.path)
         return OffloadConfig(optimizer, param, host_budget_bytes=b.host_bytes or 0,
                              gpu_budget_bytes=b.gpu_bytes or 0, nvme_budget_bytes=b.nvme_bytes or 0)
 
@@ -240,7 +140,7 @@ class Plan:
                f"{len(self.placements) - self.host_chunks} (max_in_cpu={self.max_in_cpu:,})"}[self.optimizer_kind]
         rows = [f"tierlift plan: {_count(sh.params)} params, {len(self.placements)} chunks, world {sh.world_size}, "
                 f"ZeRO-{tr.zero_stage}, {tr.optimizer}, {tr.tokens_per_step:,} tokens/rank/step",
-                f"optimizer state: {opt}; parameters: {'host' if self.param_kind == 'cpu' else 'GPU'}; prefetch "
+                f"optimizer state: {opt}; parameters: {_PARAMS[self.param_kind]}; prefetch "
                 f"{self.prefetch_units} unit(s); pinned pool {_gib(self.pinned_pool_bytes)}", "",
                 f"  {'tier':<6}{'budget/rank':>14}{'peak/rank':>14}"]
         rows += [f"  {t:<6}{_gib(budget):>14}{_gib(peak):>14}{extra}" for t, budget, peak, extra in (
@@ -272,8 +172,16 @@ class Plan:
 
 
 # -- the model: the formulas of the module docstring -----------------------------------
-def _tiers(opt: str, k: int, nchunks: int) -> list[str]:
-    return ["gpu"] * nchunks if opt == "none" else ["host"] * k + ["nvme"] * (nchunks - k)
+_PARAMS = {"none": "GPU", "cpu": "host", "nvme": "NVMe (host for host-tier chunks)"}
+
+
+def _param_tier(param: str, opt_tier: str) -> str:
+    return {"none": "gpu", "cpu": "host"}.get(param) or ("nvme" if opt_tier == "nvme" else "host")
+
+
+def _nvme_bytes(sh: ModelShape, tr: TrainingShape, param: str, tiers: Sequence[str]) -> int:
+    per = _STATE_BYTES[tr.optimizer] + (tr.compute_bytes if param == "nvme" else 0)
+    return per * sum(ni for ni, t in zip(sh.shard_numel, tiers) if t == "nvme")
 
 
 def _gpu_bytes(sh: ModelShape, tr: TrainingShape, opt: str, param: str, depth: int) -> int:
@@ -289,13 +197,18 @@ def _gpu_bytes(sh: ModelShape, tr: TrainingShape, opt: str, param: str, depth: i
     return int(opt_state + shard + max(GPU_SLACK * (gathered + grads + tr.activation_bytes), c * sum(p)))
 
 
-def _host_bytes(sh: ModelShape, tr: TrainingShape, opt: str, k: int, buffers: int) -> int:
+def _host_bytes(sh: ModelShape, tr: TrainingShape, opt: str, tiers: Sequence[str], buffers: int,
+                param: str = "none") -> int:
     n, c, s = sh.shard_numel, tr.compute_bytes, _STATE_BYTES[tr.optimizer]
     if opt == "none":
         return 0
-    staging = buffers * s * min(max(n[k:]), PIECE_NUMEL) if k < len(n) else 0  # NVMe staging sets
+    host = [ni for ni, t in zip(n, tiers) if t == "host"]
+    nv = [ni for ni, t in zip(n, tiers) if t == "nvme"]
+    on_disk = param == "nvme"  # compute-dtype parameters on NVMe: read slots instead of a host copy
+    staging = buffers * (s + c * on_disk) * min(max(nv), PIECE_NUMEL) if nv else 0  # NVMe staging sets
+    slots = PARAM_SLOTS * c * max(nv) if nv and on_disk else 0
     grads = 4 * sum(n) if tr.deferred_step else 2 * 4 * max(n)  # per-chunk buffers, or the ring
-    return s * sum(n[:k]) + c * sum(n[k:]) + staging + grads
+    return s * sum(host) + (0 if on_disk else c) * sum(nv) + staging + slots + grads
 
 
 def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str], param: str, depth: int,
@@ -324,18 +237,20 @@ def _time(sh: ModelShape, tr: TrainingShape, rates: NodeRates, tiers: list[str],
         copy_in = [(4 if t == "host" else c) * ni / (rates.h2d_gbps * 1e9) if t != "gpu" else 0.0
                    for ni, t in zip(n, tiers)]
         exposed_host = max(0.0, _simulate_period(fwd, bwd, jobs, copy_in, tr.deferred_step) - compute)
+    param_disk = M * c * sum(ni for ni, t in zip(n, tiers) if t == "nvme") / rd if param == "nvme" else 0.0
     # Bytes a gather copies in per element: fp32 masters of host-tier chunks, compute dtype from NVMe-tier ones.
     h2d_elems = sum((4 if t == "host" else c) * ni for ni, t in zip(n, tiers) if t != "gpu")
     h2d_unit = 4 * max(sh.groups or (0,)) / sh.world_size / (rates.h2d_gbps * 1e9) if off else 0.0  # one group
-    h2d = (2 * M * h2d_elems if param == "cpu" else h2d_elems) / (rates.h2d_gbps * 1e9)
+    h2d = (2 * M * h2d_elems if param != "none" else h2d_elems) / (rates.h2d_gbps * 1e9)
     d2h = M * r * sum(off) / (rates.d2h_gbps * 1e9)
     need = math.ceil(h2d_unit / t_unit) + 1 if t_unit > 0 else 2  # groups ahead that hide one copy
     want = max(1, min(MAX_PREFETCH, units - 1, max(2, need)))
-    copies = 2 * M if param == "cpu" else 1  # copy-ins per group per step: every gather, or one refresh
+    copies = 2 * M if param != "none" else 1  # copy-ins per group per step: every gather, or one refresh
     stall = copies * units * max(0.0, h2d_unit - depth * t_unit)
-    exposed_pcie = max(0.0, max(h2d, d2h) - compute) + stall + (h2d_unit if param == "cpu" else 0.0)
+    exposed_pcie = max(0.0, max(h2d, d2h, param_disk) - compute) + stall + (h2d_unit if param != "none" else 0.0)
     step = compute + gpu_opt + exposed_host + exposed_pcie
-    est = StepEstimate(compute, fwd, bwd, gpu_opt, cpu_opt, disk, h2d + d2h, window, exposed_host, exposed_pcie,
+    est = StepEstimate(compute, fwd, bwd, gpu_opt, cpu_opt, disk + param_disk, h2d + d2h, window, exposed_host,
+                       exposed_pcie,
                        step, tr.tokens_per_step / step if step > 0 else 0.0)
     return est, want
 
@@ -384,14 +299,13 @@ def _simulate_period(fwd: float, bwd: float, jobs: list[float], copy_in: list[fl
     return (tail[-1] - tail[0]) / max(1, len(tail) - 1)
 
 
-def _evaluate(sh, tr, rates, budgets, opt, param, k, depth, ranks_per_node, buffers, notes=()) -> Plan:
-    tiers = _tiers(opt, k, len(sh.shard_numel))
-    est, _ = _time(sh, tr, rates, tiers, param, depth, ranks_per_node)
-    pinned = _host_bytes(sh, tr, opt, k, buffers)
-    nvme = _STATE_BYTES[tr.optimizer] * sum(ni for ni, t in zip(sh.shard_numel, tiers) if t == "nvme")
-    placements = tuple(ChunkPlacement(i, t, "host" if param == "cpu" else "gpu", ni)
+def _evaluate(sh, tr, rates, budgets, opt, param, tiers, depth, ranks_per_node, buffers, notes=()) -> Plan:
+    est, _ = _time(sh, tr, rates, list(tiers), param, depth, ranks_per_node)
+    pinned = _host_bytes(sh, tr, opt, tiers, buffers, param)
+    nvme = _nvme_bytes(sh, tr, param, tiers)
+    placements = tuple(ChunkPlacement(i, t, _param_tier(param, t), ni)
                        for i, (t, ni) in enumerate(zip(tiers, sh.shard_numel)))
-    max_in_cpu = sum(sh.shard_numel[:k]) if opt == "nvme" else 0
+    max_in_cpu = sum(ni for ni, t in zip(sh.shard_numel, tiers) if t == "host") if opt == "nvme" else 0
     return Plan(opt, param, placements, max_in_cpu, depth, pinned, nvme, _gpu_bytes(sh, tr, opt, param, depth),
                 pinned + HOST_BASE_BYTES, est, budgets, rates, tr, sh, ranks_per_node, buffers, tuple(notes))
 
@@ -402,7 +316,7 @@ def plan(shape: ModelShape, budgets: Budgets, rates: NodeRates, training: Traini
     """The fastest feasible plan, or ConfigError naming the budget to raise (and the
     smallest value that fits, also on the exception as ``smallest_budgets``)."""
     for setting, value, ok in (("offload.optimizer.kind", optimizer_kind, ("auto", "none", "cpu", "nvme")),
-                               ("offload.param.kind", param_kind, ("auto", "none", "cpu")),
+                               ("offload.param.kind", param_kind, ("auto", "none", "cpu", "nvme")),
                                ("optimizer.name", training.optimizer, ("adamw", "sgd"))):
         if value not in ok:
             raise ConfigError("is not a choice the planner knows.", setting=setting, value=value,
@@ -410,33 +324,59 @@ def plan(shape: ModelShape, budgets: Budgets, rates: NodeRates, training: Traini
     if param_kind == "cpu" and (training.zero_stage != 3 or optimizer_kind == "none"):
         raise ConfigError("parameters on the host need ZeRO stage 3 and the optimizer offloaded.",
                           setting="offload.param.kind", value="cpu", fix="set zero.stage: 3 and offload.optimizer.")
-    K, rpn = len(shape.shard_numel), ranks_per_node or shape.world_size
-    options = []  # (preference, opt, param, k): the order GPU > host > NVMe, more host chunks first
+    if param_kind == "nvme" and (training.zero_stage != 3 or optimizer_kind not in ("auto", "nvme")):
+        raise ConfigError("parameters on NVMe need ZeRO stage 3 and the optimizer state on NVMe.",
+                          setting="offload.param.kind", value="nvme",
+                          fix="set zero.stage: 3 and offload.optimizer: {kind: nvme, path: DIR}.")
+    n, rpn = shape.shard_numel, ranks_per_node or shape.world_size
+    options = []  # (preference, opt, param, tiers): the order GPU > host > NVMe, more host elements first
     for opt in ("none", "cpu", "nvme") if optimizer_kind == "auto" else (optimizer_kind,):
-        ks = [K] if opt != "nvme" else range(K - (optimizer_kind == "auto"), -1, -1)
-        for k in ks:
-            for param in ("none", "cpu") if param_kind == "auto" else (param_kind,):
-                if param == "cpu" and (opt == "none" or training.zero_stage != 3):
-                    continue
-                options.append((len(options), opt, param, k))
-    gpu = {(o[1], o[2]): _gpu_bytes(shape, training, o[1], o[2], 1) for o in options}  # k does not matter
-    need = {o: (gpu[o[1], o[2]], _host_bytes(shape, training, o[1], o[3], nvme_buffer_count),  # bytes per tier
-                _STATE_BYTES[training.optimizer] * sum(shape.shard_numel[o[3]:]) if o[1] == "nvme" else 0)
-            for o in options}
+        for param in ("none", "cpu") if param_kind == "auto" else (param_kind,):
+            if (param != "none" and (opt == "none" or training.zero_stage != 3)) or (param == "nvme" != opt):
+                continue
+            for tiers in _candidate_tiers(shape, training, budgets, opt, param, nvme_buffer_count,
+                                          all_host=optimizer_kind != "auto"):
+                options.append((len(options), opt, param, tiers))
+    gpu = {(o[1], o[2]): _gpu_bytes(shape, training, o[1], o[2], 1) for o in options}  # tiers do not matter
+    need = {o: (gpu[o[1], o[2]], _host_bytes(shape, training, o[1], o[3], nvme_buffer_count, o[2]),  # per tier
+                _nvme_bytes(shape, training, o[2], o[3])) for o in options}
     fits = [o for o in options if all(v <= budgets.get(t) for v, t in zip(need[o], ("gpu", "host", "nvme")))]
     if not fits:
         raise _infeasible(shape, budgets, options, need, optimizer_kind, param_kind)
-    nv = [o for o in fits if o[1] == "nvme"]  # fewer host chunks than fit is never faster: only the most
-    top_k = {param: max(o[3] for o in nv if o[2] == param) for param in {o[2] for o in nv}}
+
+    def host_elems(o):
+        return sum(ni for ni, t in zip(n, o[3]) if t == "host")
+    nv = [o for o in fits if o[1] == "nvme"]  # fewer host elements than fit is never faster: only the most
+    top = {param: max(host_elems(o) for o in nv if o[2] == param) for param in {o[2] for o in nv}}
 
     def build(o):  # the option with the deepest prefetch (up to what hides a copy) that fits the GPU
-        _, opt, param, k = o
-        _, want = _time(shape, training, rates, _tiers(opt, k, K), param, 1, rpn)
+        _, opt, param, tiers = o
+        _, want = _time(shape, training, rates, list(tiers), param, 1, rpn)
         depth = max(d for d in range(1, want + 1) if _gpu_bytes(shape, training, opt, param, d) <= budgets.get("gpu"))
-        return _evaluate(shape, training, rates, budgets, opt, param, k, depth, rpn, nvme_buffer_count, notes)
+        return _evaluate(shape, training, rates, budgets, opt, param, tiers, depth, rpn, nvme_buffer_count, notes)
     # The fastest by the model; min() keeps the first of equals, so the preference order breaks ties.
-    return min((build(o) for o in fits if o[1] != "nvme" or o[3] == top_k[o[2]]),
+    return min((build(o) for o in fits if o[1] != "nvme" or host_elems(o) == top[o[2]]),
                key=lambda p: round(p.step.step_s, 6))
+
+
+def _candidate_tiers(sh: ModelShape, tr: TrainingShape, budgets: Budgets, opt: str, param: str, buffers: int,
+                     all_host: bool) -> list[tuple[str, ...]]:
+    """Optimizer tiers to cost for ``opt``: with NVMe, the placement rule at max_in_cpu =
+    each prefix sum of the shards (all in host memory only when NVMe was asked for) and
+    at the most host elements the host budget allows (first-fit may pack chunks past a
+    large one that a prefix stops at), most host elements first, duplicates dropped."""
+    n = sh.shard_numel
+    if opt != "nvme":
+        return [optimizer_tiers_for(opt, n)]
+    caps = [sum(n[:k]) for k in range(len(n) - (not all_host), -1, -1)]
+    s, c = _STATE_BYTES[tr.optimizer], tr.compute_bytes * (param != "nvme")
+    if budgets.host_bytes is not None and s > c:  # host bytes grow by s - c per element kept in host memory
+        fixed = _host_bytes(sh, tr, opt, ("nvme",) * len(n), buffers, param)  # staging sized for every chunk
+        caps.append(max(0, (budgets.host_bytes - fixed) // (s - c)))
+    out = {optimizer_tiers_for("nvme", n, cap): cap for cap in caps}
+    if not all_host:
+        out.pop(("host",) * len(n), None)
+    return sorted(out, key=lambda t: -sum(ni for ni, x in zip(n, t) if x == "host"))
 
 
 def _infeasible(shape, budgets, options, need, opt_kind, param_kind) -> ConfigError:

@@ -11,15 +11,17 @@ Rules, in the order they are checked each step:
    ``gpu_low`` and the plan's GPU peak at the new depth fits its budget.
 3. Host-memory pressure (available < ``host_min_available_bytes``): move the
    optimizer state of the last host-resident chunks to NVMe, as few as free the
-   shortfall plus ``host_margin_bytes`` (a lower ``max_in_cpu``), within the NVMe
-   budget.
+   shortfall plus ``host_margin_bytes``, within the NVMe budget; only with an NVMe
+   tier (``offload.optimizer.kind: nvme``: its extents exist for every chunk).
 4. Off plan (measured step > ``slow_factor`` x predicted for ``stall_patience``
    steps): a note with the measured rates, no change.
 
 Hysteresis: every rule has its own ``cooldown_steps`` after it fires, counters of
 consecutive steps reset when a rule fires, and prefetch goes deeper only below
 ``gpu_low`` while it goes shallower at ``gpu_high`` -- the band between keeps the
-depth from flapping.  Every decision also replaces ``Policy.plan``.
+depth from flapping.  Every decision also replaces ``Policy.plan``; the Replanner
+turns it into a new ExecutionPlan the engine applies and verifies at the step
+boundary (``parallel/plan_exec.apply_plan``).  Nothing here touches the config.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierlift._configbase import check
 from tierlift.runtime.planner import GiB, Plan
 
 __all__ = ["Thresholds", "Decision", "Policy", "PolicyConfig"]
@@ -62,7 +65,6 @@ class PolicyConfig:
     slow_factor: float = 1.5
 
     def __post_init__(self) -> None:
-        from tierlift._configbase import check
         check(self.stall_patience >= 1, "policy.stall_patience", self.stall_patience, "must be >= 1.", "use 3.")
         check(self.max_prefetch >= 1, "policy.max_prefetch", self.max_prefetch, "must be >= 1.", "use 8.")
         check(0 < self.gpu_low < self.gpu_high <= 1, "policy.gpu_low", (self.gpu_low, self.gpu_high),
@@ -178,12 +180,15 @@ class Policy:
     def _host_pressure(self, step: int, avail: float, rss: float | None, out: list) -> None:
         th, plan = self.th, self.plan
         shortfall = th.host_min_available_bytes - avail + th.host_margin_bytes
-        k = plan.host_chunks
+        # Host-resident chunks where the plan (the engine's placement) has them, not
+        # necessarily a prefix: the last in forward order move first (latest deadlines).
+        host = [p.index for p in plan.placements if p.optimizer_tier == "host"]
         head = (f"host memory available {avail / GiB:.2f} GiB < {th.host_min_available_bytes / GiB:.2f} GiB"
                 + (f" (RSS {rss / GiB:.2f} GiB)" if rss is not None else ""))
         best = None
-        for m in range(1, k + 1):  # fewest chunks that free the shortfall
-            new = plan.replan(host_chunks=k - m)
+        for m in range(1, len(host) + 1) if plan.optimizer_kind == "nvme" else ():  # fewest that free enough
+            tiers = tuple("nvme" if i in host[-m:] else t for i, t in enumerate(plan.optimizer_tiers))
+            new = plan.replan(optimizer_tiers=tiers)
             if new.nvme_bytes > plan.budgets.get("nvme"):
                 break
             best = (m, new)
@@ -191,19 +196,21 @@ class Policy:
                 break
         if best is None or plan.pinned_pool_bytes - best[1].pinned_pool_bytes <= 0:
             why = ("optimizer state is on the GPU" if plan.optimizer_kind == "none" else
-                   "no host-resident optimizer state left to move" if k == 0 else
+                   "no NVMe tier (offload.optimizer.kind is cpu)" if plan.optimizer_kind == "cpu" else
+                   "no host-resident optimizer state left to move" if not host else
                    f"moving it would exceed the NVMe budget {plan.budgets.nvme_bytes or 0:,} B or free nothing")
             self._fire("host", step, "host_pressure", f"{head}; nothing moved: {why}", {}, None, out)
             return
         m, new = best
         freed = plan.pinned_pool_bytes - new.pinned_pool_bytes
-        moved = list(range(k - m, k))
+        moved = host[-m:]
         enough = "" if freed >= shortfall else f" (short of the {shortfall / GiB:.2f} GiB wanted)"
         self._fire("host", step, "move_to_nvme",
-                   f"{head}: moving optimizer state of {m} chunk(s) {moved[0]}..{moved[-1]} "
+                   f"{head}: moving optimizer state of {m} chunk(s) {moved} "
                    f"({(new.nvme_bytes - plan.nvme_bytes) / GiB:.2f} GiB) to NVMe frees "
                    f"{freed / GiB:.2f} GiB pinned{enough} (pool {plan.pinned_pool_bytes / GiB:.2f} -> "
                    f"{new.pinned_pool_bytes / GiB:.2f} GiB); max_in_cpu {plan.max_in_cpu or 'all'} -> "
                    f"{new.max_in_cpu:,}; predicted step {plan.step.step_s:.3f} -> {new.step.step_s:.3f} s",
                    {"optimizer_kind": new.optimizer_kind, "max_in_cpu": new.max_in_cpu, "moved_chunks": moved,
+                    "optimizer_tiers": new.optimizer_tiers,
                     "pinned_pool_bytes": new.pinned_pool_bytes, "nvme_bytes": new.nvme_bytes}, new, out)

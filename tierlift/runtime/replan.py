@@ -1,6 +1,11 @@
 """Re-planning a running job: the plan made at start, the policy fed every step,
 and its decisions carried out on the engine at the step boundary.
 
+The cost model (``planner.Plan``) prices the engine's own ExecutionPlan: the chunks
+where it put them, at its prefetch depth.  A decision becomes a new ExecutionPlan
+that ``parallel/plan_exec.apply_plan`` executes and verifies; the user's config is
+never changed (it goes into checkpoints as given).
+
 Every rank must take the same decision (prefetch depth changes the order in which
 all-gathers and reduce-scatters are issued, and that order must match across
 ranks), so the measurements are first agreed on with one all-reduce (MAX) and the
@@ -17,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from tierlift.errors import ConfigError
+from tierlift.parallel.plan_exec import apply_plan
+from tierlift.runtime.plan_config import plan_for_config
 from tierlift.runtime.policy import Decision, Policy
 
 __all__ = ["Replanner"]
@@ -28,21 +35,18 @@ class Replanner:
     """Builds the plan for the engine's real layout, then ``step_end`` per step."""
 
     def __init__(self, engine, cfg, world_size: int) -> None:
-        from tierlift.offload.optimizer import Tier
-        from tierlift.runtime.plan_config import plan_for_config
         self.engine, self.cfg, self.world_size = engine, cfg, world_size
         self.policy: Policy | None = None
         notes: list[str] = []
+        ex = engine.plan
         try:
-            plan = plan_for_config(cfg, engine.layout, engine.units, world_size, notes,
-                                   opt_kind=type(cfg.offload.optimizer).KIND, param_kind=type(cfg.offload.param).KIND)
+            plan = plan_for_config(cfg, engine.layout, engine.units, world_size, notes, opt_kind=ex.optimizer_kind,
+                                   param_kind=ex.param_kind, ranks_per_node=ex.ranks_per_node)
         except ConfigError as exc:  # the planner's budgets are tighter than what runs: say so, train on
             log.warning("planner: %s -- training without re-planning", exc)
             return
-        opt = engine.host_opt
-        if opt is not None and opt.nvme is not None:  # match the placement the engine really has
-            plan = plan.replan(host_chunks=sum(hc.tier is Tier.HOST for hc in opt.chunks))
-        plan = plan.replan(prefetch_units=engine.cfg.prefetch_units)
+        # Cost the chunks where the engine's plan put them, at its prefetch depth.
+        plan = plan.replan(optimizer_tiers=ex.optimizer_tiers, prefetch_units=ex.prefetch_units)
         thresholds = cfg.policy.thresholds()
         if plan.rates.source.startswith("defaults") or engine.device.type != "cuda":
             # Predicted times from another machine's rates (no calibration of this node),
@@ -50,7 +54,7 @@ class Replanner:
             # compare against numbers that do not describe this run, so they stay off.
             thresholds = replace(thresholds, slow_factor=float("inf"))
         self.policy = Policy(plan, thresholds)
-        log.info("plan at start:\n%s", plan.to_table())
+        log.info("plan at start:\n%s\n%s", plan.to_table(), ex.to_table())
         for n in notes:
             log.info("plan note: %s", n)
 
@@ -75,16 +79,16 @@ class Replanner:
             return []
         decisions = self.policy.observe(step, self._agreed(step_time_s, rss, stall_ms))
         for d in decisions:
-            self._apply(d)
+            self.apply(d)
             log.info("policy at step %d: %s: %s", step, d.kind, d.reason)
         return decisions
 
-    def _apply(self, d: Decision) -> None:
-        fields = d.new_plan_fields
+    def apply(self, d: Decision) -> None:
+        """Turn a decision into the engine's next ExecutionPlan; the engine executes it
+        now (a step boundary) and verifies the placement it then has (PlanMismatch if not)."""
+        fields, new = d.new_plan_fields, self.engine.plan
         if "prefetch_units" in fields:
-            self.engine.cfg.prefetch_units = int(fields["prefetch_units"])
-        if d.kind == "move_to_nvme":
-            opt = self.engine.host_opt
-            if opt is None or opt.nvme is None:  # the planner only moves when an NVMe tier exists
-                raise RuntimeError(f"policy decided {d.kind} without an NVMe tier: {d.reason}")
-            opt.move_to_nvme([int(i) for i in fields["moved_chunks"]])
+            new = new.with_prefetch(int(fields["prefetch_units"]))
+        if "optimizer_tiers" in fields:
+            new = new.with_optimizer_tiers(fields["optimizer_tiers"])
+        apply_plan(self.engine, new)

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from tierlift.errors import DataError, TierliftError
+from tierlift.runtime.metrics_parts import latest_rows
 
 __all__ = ["build_report"]
 
@@ -35,8 +36,10 @@ figure{margin:12px 0}figcaption{color:#555}"""
 _KNOWN = ("step_end", "checkpoint", "telemetry_overhead")  # tabulated elsewhere, not in the event table
 
 
-def _read_parts(paths: list[str], notes: list[str]):
-    """Concatenate Parquet parts; an unreadable part is skipped with a note."""
+def _read_parts(paths: list[str], notes: list[str], rerun_steps_replace: bool = False):
+    """Concatenate Parquet parts; an unreadable part is skipped with a note.  With
+    ``rerun_steps_replace`` (metrics/), rows of steps a resumed run re-ran give way to the
+    resumed run's (``metrics_parts.latest_rows``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     tables = []
@@ -47,6 +50,8 @@ def _read_parts(paths: list[str], notes: list[str]):
             notes.append(f"skipped unreadable {os.path.basename(p)}: {exc}")
     if not tables:
         return None
+    if rerun_steps_replace:
+        tables = latest_rows(tables)
     return pa.concat_tables(tables, promote_options="default").to_pydict()
 
 
@@ -56,7 +61,7 @@ def _load(run_dir: str) -> dict[str, Any]:
     mdir = os.path.join(run_dir, "metrics")
     if os.path.isdir(mdir):
         d["metrics"] = _read_parts([os.path.join(mdir, n) for n in os.listdir(mdir) if n.endswith(".parquet")],
-                                   notes)
+                                   notes, rerun_steps_replace=True)
     tdir = os.path.join(run_dir, "telemetry")
     if os.path.isdir(tdir):
         groups: dict[tuple[str, int], list[str]] = defaultdict(list)

@@ -21,6 +21,9 @@ from typing import Any
 import psutil
 import torch
 
+from tierlift.parallel.env import RANK_PREFIX_ENV
+from tierlift.runtime.metrics_parts import latest_rows
+
 __all__ = ["MetricsWriter", "MemoryMeter", "Progress", "setup_logging", "write_json_atomic"]
 
 log = logging.getLogger("tierlift")
@@ -33,13 +36,17 @@ def setup_logging(run_dir: str | None, rank: int) -> None:
         return
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # Under a tierlift launcher with several ranks every console line already starts with
+    # "[rank N] " (launch/local.py), so the console format leaves the rank out.
+    console_fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s") \
+        if os.environ.get(RANK_PREFIX_ENV) == "1" else fmt
     if run_dir and rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)
-    sh.setFormatter(fmt)
+    sh.setFormatter(console_fmt)
     sh.setLevel(logging.WARNING)  # the progress bar carries the per-step numbers on the console
     root.addHandler(sh)
     root.propagate = False
@@ -83,13 +90,16 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str):
-    """All metric rows of a run as a pyarrow Table (parts concatenated in order)."""
+    """All metric rows of a run as a pyarrow Table (parts concatenated in order); after a
+    resume, the re-run steps' rows replace the earlier ones (``metrics_parts.latest_rows``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     d = os.path.join(run_dir, "metrics")
     parts = sorted(n for n in os.listdir(d) if n.endswith(".parquet"))
+    tables = latest_rows([pq.read_table(os.path.join(d, n)) for n in parts])
     # Parts written by different versions or runs may differ in columns: missing ones read as null.
-    return pa.concat_tables([pq.read_table(os.path.join(d, n)) for n in parts], promote_options="default")
+    return pa.concat_tables(tables, promote_options="default")
 
 
 class MemoryMeter:

@@ -3,6 +3,7 @@
     trainer = Trainer(model, cfg, train_data=ds)
     summary = trainer.fit(max_steps=100)
     state = trainer.full_state_dict()
+    model = trainer.unwrap_model()          # or: with trainer.gathered_parameters(): ...
     trainer.save(path); trainer = Trainer.resume(path, model, cfg, train_data=ds)
 
 Inside a multi-process launch (torchrun env vars set) every rank builds the same
@@ -23,9 +24,15 @@ import torch
 import torch.nn as nn
 
 from tierlift.errors import CheckpointError, ConfigError, TierliftError
+from tierlift.models.labels import apply_label_rule
 from tierlift.parallel.comm import current_comm
+from tierlift.parallel.env import init_distributed
 from tierlift.parallel.zero import ZeroEngine
-from tierlift.runtime.config import TrainConfig, check_batch_sizes
+from tierlift.runtime.checkpoint import latest_checkpoint, load_checkpoint, rotate_checkpoints, save_checkpoint
+from tierlift.runtime.checkpoint_check import check_trainer_extra
+from tierlift.runtime.config import TrainConfig, config_choices, resolve_batch_sizes
+from tierlift.runtime.data import StepBatcher
+from tierlift.runtime.replan import Replanner
 from tierlift.runtime.rundir import MemoryMeter, MetricsWriter, Progress, setup_logging, write_json_atomic
 from tierlift.runtime.schedule import lr_at
 from tierlift.system.telemetry import TelemetrySampler
@@ -79,18 +86,24 @@ def _loss_of(out: Any) -> torch.Tensor:
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data=None, eval_data=None,
                  run_dir: str | None = None) -> None:
-        from tierlift.launch.env import init_distributed
         self.cfg = cfg
         self.device = init_distributed(cfg.run.device, threads_per_rank=cfg.run.threads_per_rank)
         self.comm = current_comm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.run_dir = run_dir
         setup_logging(run_dir, self.rank)
-        check_batch_sizes(cfg, self.world_size)
+        # Batch sizes a DeepSpeed config derives from the world size are fixed here, the first
+        # place it is known; every value tierlift chose for "auto" / missing keys is logged once.
+        self.cfg, chosen = resolve_batch_sizes(cfg, self.world_size)
+        cfg = self.cfg
+        if self.rank == 0:
+            for line in config_choices(cfg) + chosen:
+                log.info("%s", line)
         torch.manual_seed(cfg.train.seed + self.rank)  # dropout etc. differ per rank; weights come from the model
         self.model = model
+        apply_label_rule(model, train_data)  # one label rule for built and passed-in HF models (models/labels.py)
         self.engine = ZeroEngine(model, cfg.zero, cfg.precision, cfg.optimizer, self.device,
-                                 activation_checkpointing=cfg.train.activation_checkpointing, offload=cfg.offload)
+                                 offload=cfg.offload, activations=cfg.train.activations)
         self.step = 0
         self.train_data = train_data
         self.eval_data = eval_data
@@ -98,7 +111,6 @@ class Trainer:
         self.memory = MemoryMeter(self.device)
 
     def _batcher(self, data, shuffle: bool):
-        from tierlift.runtime.data import StepBatcher
         t = self.cfg.train
         return StepBatcher(data, t.micro_batch_size, t.grad_accum_steps, self.rank, self.world_size,
                            seed=self.cfg.data.seed, shuffle=shuffle)
@@ -120,6 +132,9 @@ class Trainer:
         tokens = 0
         self.model.train()
         self.engine.begin_step(lr)
+        acts = self.engine.activations
+        if acts is not None:
+            acts.begin_step()
         for a, batch in enumerate(micro):
             batch = self._to_device(batch)
             tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
@@ -128,6 +143,7 @@ class Trainer:
             loss_sum += loss.detach().to(torch.float64)
             self.engine.backward(loss / len(micro), sync_grads=a == len(micro) - 1)
         stats = self.engine.step(lr)
+        act_metrics = acts.end_step() if acts is not None else {}
         # One scalar all-reduce: mean loss over ranks and micro-batches, and global tokens.
         packed = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
@@ -140,7 +156,7 @@ class Trainer:
                                 fix="lower the learning rate, enable grad_clip, or use bf16 instead of fp16.")
         self.step += 1
         return {"loss": loss_mean, "lr": lr, "grad_norm": stats["grad_norm"], "tokens": float(packed[1]),
-                "skipped": bool(stats["skipped"]), "loss_scale": stats["loss_scale"]}
+                "skipped": bool(stats["skipped"]), "loss_scale": stats["loss_scale"], **act_metrics}
 
     def fit(self, max_steps: int | None = None) -> FitSummary:
         """Train until optimizer step ``max_steps`` (default ``cfg.train.max_steps``)."""
@@ -242,7 +258,6 @@ class Trainer:
         if not self.cfg.policy.enabled:
             return None
         if getattr(self, "_replan", None) is None:
-            from tierlift.runtime.replan import Replanner
             self._replan = Replanner(self.engine, self.cfg, self.world_size)
         return self._replan
 
@@ -282,6 +297,20 @@ class Trainer:
         other ranks take part in the gather and get an empty dict."""
         return self.engine.full_state_dict()
 
+    def unwrap_model(self, rank0_only: bool = False, device: torch.device | str | None = None) -> nn.Module:
+        """The model as a plain module with full parameters of its own (values of
+        ``full_state_dict()``, in the model's dtype, on ``device``, default the training
+        device), on every rank or, with ``rank0_only``, on rank 0 (the others keep it
+        sharded).  All ranks call it.  The next ``fit``/``evaluate`` re-binds the
+        parameters to the trainer's state; edits to the unwrapped weights are not kept."""
+        return self.engine.unwrap(rank0_only=rank0_only, device=device)
+
+    def gathered_parameters(self):
+        """``with trainer.gathered_parameters():`` every stage-3 parameter is gathered in
+        place (compute dtype) for the block, so any rank may run a forward on its own
+        (eval, generate); resharded on exit.  All ranks enter it; writes are not kept."""
+        return self.engine.gathered_parameters()
+
     def _extra(self) -> dict:
         return {"step": self.step, "engine": self.engine.extra_state(),
                 "data": self.batcher.state_dict() if self.batcher is not None else None,
@@ -289,7 +318,6 @@ class Trainer:
 
     def save(self, path: str) -> str:
         """Write a sharded, atomic checkpoint to ``path`` (all ranks call this)."""
-        from tierlift.runtime.checkpoint import save_checkpoint
         rng = {"cpu_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -301,7 +329,6 @@ class Trainer:
         return path
 
     def save_to_run(self) -> int:
-        from tierlift.runtime.checkpoint import rotate_checkpoints
         parent = os.path.join(self.run_dir, "checkpoints")
         self.save(os.path.join(parent, f"step-{self.step:08d}"))
         if self.rank == 0:
@@ -311,12 +338,12 @@ class Trainer:
 
     def load(self, path: str) -> None:
         """Fill this trainer's state from a checkpoint (any world size)."""
-        from tierlift.runtime.checkpoint import latest_checkpoint, load_checkpoint
         ckpt = latest_checkpoint(path) or path
         if not os.path.isdir(ckpt):
             raise CheckpointError("is not a checkpoint or a run directory with checkpoints.", setting="resume",
                                   value=path, fix="give a step-* checkpoint directory or a run directory.")
-        extra, rank_tensors = load_checkpoint(ckpt, self.engine.state_segments(), comm=self.comm)
+        extra, rank_tensors = load_checkpoint(ckpt, self.engine.state_segments(), comm=self.comm,
+                                              check_extra=check_trainer_extra)
         self.engine.load_extra_state(extra["engine"])
         self.step = int(extra["step"])
         if self.batcher is not None and extra.get("data") is not None:

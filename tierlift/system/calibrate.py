@@ -8,7 +8,7 @@ backward time of each wrap unit of the real model.  Each benchmark repeats until
 is its own measurement), so a slow machine costs a little more time, not a
 timeout.  GPU benchmarks are skipped without CUDA and recorded as None.
 
-Units: GB/s are 1e9 bytes per second (as in design.md section 4); AdamW rates are
+Units: GB/s are 1e9 bytes per second (as in the planner's ``NodeRates``); AdamW rates are
 fp32 parameters stepped per second; unit times are seconds per call.
 
 ``load_or_calibrate`` keeps one JSON file per (node fingerprint, NVMe directory,
@@ -36,6 +36,7 @@ import torch
 
 from tierlift.offload.extents import plan_extents
 from tierlift.offload.nvme import NVMeError, NVMeFile, aligned_empty
+from tierlift.offload.pinned import PinnedMemoryError, PinnedPool
 from tierlift.offload.policy import AioConfig
 from tierlift.system.probe import NodeProfile, probe_node
 
@@ -45,7 +46,7 @@ __all__ = ["Calibration", "calibrate", "load_or_calibrate", "load_cached", "meas
 _FORMAT = "tierlift-calibration/1"
 _TARGET_S = {True: 0.5, False: 2.0}  # seconds per benchmark: quick / full
 # Sizes (bytes / params) large enough to reach steady state: far beyond the L3 cache,
-# >= 4 MiB per copy (below that PCIe copies are latency bound, gpu-machine.md).
+# >= 4 MiB per copy (below that PCIe copies are latency bound on the H100 node).
 _COPY_BYTES = {True: 256 << 20, False: 1 << 30}
 _DISK_EXTENT = {True: (4, 32 << 20), False: (8, 64 << 20)}  # (extents in flight, bytes each) per round
 # Working sets (16 B/param: p, g, m, v) far beyond any last-level cache: a cached 8 Mi run
@@ -146,8 +147,6 @@ def _copies(pool: Any, nbytes: int, dev: torch.device, target_s: float) -> tuple
 def _copy_rates(nbytes: int, target_s: float) -> tuple[float, float, float]:
     """(H2D, D2H, duplex) GB/s between GPU memory and exact-size pinned slabs of our pool
     (what the engine copies from; torch's pinned allocator would round and keep them)."""
-    from tierlift.offload.pinned import PinnedMemoryError, PinnedPool
-
     dev = torch.device("cuda", torch.cuda.current_device())
     try:
         pool = PinnedPool(2 * nbytes, device=dev)

@@ -28,6 +28,7 @@ from array import array
 from typing import Any, Iterator, Sequence
 
 from tierlift.errors import DataError
+from tierlift.runtime.outdir import ensure_writable_dir
 from tierlift.runtime.data.shards import (FORMAT_NAME, FORMAT_VERSION, META_FILE, SPLITS, TOKEN_COLUMN,
                                           sha256_file, shard_file_name)
 from tierlift.runtime.data.tokenizer import BYTE_TOKENIZER_NAME, get_tokenizer
@@ -161,7 +162,7 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
             ours = name.endswith(".parquet") and name.startswith(tuple(f"{s}-" for s in SPLITS))
             if ours or (name.startswith(".") and ".tmp-" in name):
                 os.remove(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_writable_dir(out_dir, setting="--out", error=DataError)
 
 
 def _tokenize_into(files: list[str], tok: Any, writers: dict[str, _SplitWriter], eval_fraction: float,

@@ -1,4 +1,4 @@
-"""The torchrun environment convention and process-group set-up.
+"""How a rank joins the job: the torchrun environment convention and process-group set-up.
 
 Every launcher (local subprocesses, Ray, later srun/mpirun) hands each rank the
 same variables torchrun sets: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
@@ -12,21 +12,29 @@ group; gloo on CPU).  When MASTER_ADDR is a loopback address (a single-node job)
 rank 0 binds the rendezvous store to that address itself: torch's TCPStore, left
 to ``env://``, listens on every interface ("::"), which would expose the store
 to the network for a job that never leaves the machine.
+
+The launchers (``tierlift.launch``) write this environment and the ranks' code (the
+Trainer) reads it, so it lives here, below both (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
 from tierlift.errors import LaunchError
-from tierlift.launch.ports import is_loopback
 
-__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "usable_cores", "DEFAULT_TIMEOUT_S"]
+__all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "usable_cores", "is_loopback", "backend_for",
+           "DEFAULT_TIMEOUT_S", "RANK_PREFIX_ENV"]
+
+# Set in a rank's environment when the launcher prefixes its console lines with
+# "[rank N] " (more than one rank), so the rank's own log format leaves the rank out.
+RANK_PREFIX_ENV = "TIERLIFT_CONSOLE_RANK_PREFIX"
 
 # Collectives may legitimately stall for minutes (rank 0 writing a checkpoint to
 # NVMe while the others wait at a barrier), so the default is generous; a dead
@@ -39,6 +47,21 @@ _FIX_ENV = ("start the script through `tierlift launch` (or torchrun), which set
 # Whether this module created the default group (so shutdown_distributed does
 # not tear down a group that Ray Train or the user owns).
 _owns_group = False
+
+
+def is_loopback(host: str) -> bool:
+    """True for an IP literal in 127.0.0.0/8 or ::1.  Names (even "localhost")
+    are False: they may resolve to either family, so nothing may be bound to one
+    specific loopback address on their behalf."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def backend_for(device: torch.device) -> str:
+    """The default group's backend: CPU-resident tensors never meet an NCCL-only group."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
 def usable_cores() -> int:
@@ -199,7 +222,6 @@ def init_distributed(device: str = "auto", *, threads_per_rank: int = 0,
     import torch
     import torch.distributed as dist
 
-    from tierlift.parallel.comm import backend_for
 
     env = DistEnv.from_environ(allow_single=True)
     dev = _resolve_device(device, env)
