@@ -148,3 +148,38 @@ def test_gpu_policies_match_plain_autograd(policy):
         assert all(s["act_swapped_bytes"] > 0 for s in m)
         assert ex.swap._slabs and ex.swap._slabs[0].pinned
     ex.close()
+
+
+def test_tierlift_plan_prints_the_plan_the_trainer_executed(tmp_path, capsys):
+    """`tierlift plan CONFIG` shows the activation plan the run made (run.dir/activations.json):
+    a row per unit in the table, and `--json` carries it under execution.activations."""
+    import json
+
+    from _fakes import arith_samples
+    from tierlift import Trainer, TrainConfig
+    from tierlift.launch.cli import main
+    from tierlift.models import build_model
+    from tierlift.models.config import ModelConfig
+
+    model_cfg = {"kind": "gpt", "vocab_size": 64, "d_model": 32, "n_layers": 3, "n_heads": 4, "max_seq_len": 16}
+    d = {"model": model_cfg, "data": {"seq_len": 16}, "run": {"device": "cpu", "dir": str(tmp_path / "run")},
+         "train": {"micro_batch_size": 2, "max_steps": 2,
+                   "activations": {"policy": "auto", "gpu_budget_bytes": 6000, "min_swap_bytes": 0}}}
+    cfg = TrainConfig.from_dict(d)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    assert main(["plan", str(path)]) == 0  # before any run: says the plan comes from the first step
+    assert "planned from the first training step" in capsys.readouterr().out
+    trainer = Trainer(build_model(ModelConfig(**model_cfg), seed=1), cfg, train_data=arith_samples(32, seed=2),
+                      run_dir=str(tmp_path / "run"))
+    trainer.fit(2)
+    executed = trainer.engine.activations.plan
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "activation plan (auto)" in out
+    for dec in executed.decisions:
+        assert any(line.strip().startswith(dec.unit) and dec.decision in line for line in out.splitlines())
+    assert main(["plan", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["execution"]["activations"]
+    assert [(r["unit"], r["decision"], r["swap_fraction"], r["kept_bytes"], r["swapped_bytes"]) for r in rows] == \
+        [(x.unit, x.decision, x.swap_fraction, x.kept_bytes, x.swapped_bytes) for x in executed.decisions]

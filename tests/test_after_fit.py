@@ -33,7 +33,8 @@ def _gpt_trainer(**over):
     from tierlift.models import build_model
     from tierlift.models.config import ModelConfig
     model = build_model(ModelConfig(**GPT), seed=5)
-    return model, Trainer(model, _cfg(**over), train_data=arith_samples(64, seed=2))
+    return model, Trainer(model, _cfg(**over), train_data=arith_samples(64, seed=2),
+                          eval_data=arith_samples(8, seed=4))
 
 
 def _llama_trainer(**over):
@@ -84,7 +85,7 @@ def test_unwrap_gives_the_models_dtype_and_a_later_fit_rebinds():
             prm.add_(1.0)
     trainer.fit(2)
     assert _sharded_name(model)  # bound to the engine again: sharded and guarded
-    model2, ref = _gpt_trainer(precision={"compute": "bf16"})
+    _, ref = _gpt_trainer(precision={"compute": "bf16"})
     ref.fit(2)
     assert all(torch.equal(a, b) for a, b in zip(trainer.full_state_dict().values(), ref.full_state_dict().values()))
 
@@ -133,7 +134,7 @@ def test_two_ranks_unwrap_gives_full_model_save_pretrained_and_generate(tmp_path
     assert len(r["losses"]) == 2 and all(0 < x < 10 for x in r["losses"])
 
 
-def _partial(out_dir: str):
+def _partial():
     import torch.distributed as dist
 
     from tierlift.parallel.rendezvous import RanksAbsentError
@@ -144,13 +145,16 @@ def _partial(out_dir: str):
     batch = arith_samples(2, seed=9)[0]
     batch = {k: v[None] for k, v in batch.items()}
     res = {}
-    if rank == 0:  # the usual mistake: eval on rank 0 alone, then gathered_parameters alone
-        for name, call in (("forward", lambda: model(**batch)), ("gathered", trainer.gathered_parameters().__enter__)):
+    if rank == 0:  # the usual mistakes: eval, gathered_parameters, full_state_dict on rank 0 alone
+        calls = {"forward": lambda: model(**batch), "gathered": trainer.gathered_parameters().__enter__,
+                 "state": trainer.full_state_dict, "evaluate": lambda: trainer.evaluate(1)}
+        for name, call in calls.items():
             try:
                 call()
             except RanksAbsentError as e:
                 res[name] = str(e)
-    dist.barrier()  # the process group is still usable after the error
+    dist.barrier()  # the process group is still usable after the errors
+    res["eval_loss"] = trainer.evaluate(1)  # every rank: passes the check
     model = trainer.unwrap_model(rank0_only=True)
     if rank == 0:
         res["loss"] = float(model(**batch).loss)  # alone, no collective: works
@@ -166,13 +170,13 @@ def _partial(out_dir: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)  # before the rendezvous check this hung in the all-gather
-def test_forward_on_some_ranks_fails_fast_and_the_job_goes_on(tmp_path):
-    r = run_ranks(_partial, 2, str(tmp_path))
-    for key in ("forward", "gathered"):
+def test_forward_on_some_ranks_fails_fast_and_the_job_goes_on():
+    r = run_ranks(_partial, 2)
+    for key in ("forward", "gathered", "state", "evaluate"):
         assert "only 1 of 2 ranks" in r[key] and "zero.rendezvous_timeout_s" in r[key], r[key]
         assert "unwrap_model(rank0_only=True)" in r[key] and "\n" not in r[key]
     assert "a forward of unit '" in r["forward"]
-    assert r["loss"] > 0 and len(r["losses"]) == 2
+    assert r["loss"] > 0 and r["eval_loss"] > 0 and len(r["losses"]) == 2
 
 
 def test_rendezvous_gives_up_cleanly_and_a_late_rank_never_passes_an_abandoned_check():
@@ -211,3 +215,19 @@ def test_rendezvous_gives_up_cleanly_and_a_late_rank_never_passes_an_abandoned_c
         r0.check("unwrap_model", "unwrap_model()")
     t.join()
     assert len(errors) == 1 and r0._seq == r1._seq == {"forward": 3}
+
+    # Two of three ranks giving up at once: each takes back exactly its own count.
+    a, b = Rendezvous(0, 3, 1.0), Rendezvous(1, 3, 1.0)
+    store.add("k", 2)
+    assert a._leave(store, "k") == 1 and b._leave(store, "k") == 0 and store.add("k", 0) == 0
+    store.add("k", 3)  # all three here meanwhile: nobody leaves
+    assert a._leave(store, "k") is None and store.add("k", 0) == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "soon"])
+def test_rendezvous_timeout_setting_is_validated(bad):
+    from tierlift.errors import ConfigError
+    from tierlift.parallel.config import ZeroConfig
+    with pytest.raises(ConfigError, match="zero.rendezvous_timeout_s") as info:
+        ZeroConfig(rendezvous_timeout_s=bad)
+    assert "Fix:" in str(info.value)

@@ -435,6 +435,9 @@ def test_key_tables_name_real_deepspeed_keys():
     assert K.FP16_MAPPED | set(K.FP16_FIXED) <= names(DeepSpeedFP16Config)
     assert K.BF16_MAPPED | set(K.BF16_FIXED) | set(K.BF16_NO_EFFECT) <= names(DeepSpeedBF16Config)
     DeepSpeedZeroConfig(**json.load(open(SHIPPED))["zero_optimization"])  # DeepSpeed accepts the example
+    from deepspeed.runtime.activation_checkpointing import config as act
+    act_keys = {getattr(act, n) for n in dir(act) if n.startswith("ACT_CHKPT_") and not n.endswith("_DEFAULT")}
+    assert K.ACT_MAPPED | set(K.ACT_NO_EFFECT) == act_keys
 
 
 def test_tuning_only_keys_are_accepted_and_the_ignored_ones_named_once_in_a_warning(caplog):
@@ -447,9 +450,11 @@ def test_tuning_only_keys_are_accepted_and_the_ignored_ones_named_once_in_a_warn
         c = from_deepspeed(d)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    for key in ("activation_checkpointing=", "memory_breakdown=true", "checkpoint=", "wandb (enabled)",
+    for key in ("memory_breakdown=true", "checkpoint=", "wandb (enabled)",
                 "zero_optimization.ignore_unused_parameters=false"):
         assert key in warnings[0], key
+    assert "activation_checkpointing" not in warnings[0]  # mapped, not ignored
+    assert c.train.activations.policy == "recompute"
     assert isinstance(c.offload.optimizer, CPUOffload)  # cpu_offload: DeepSpeed's old spelling
     assert c.optimizer.name == "adamw" and c.optimizer.weight_decay == 0.0  # adam_w_mode moot without decay
     # the fixed value is silent; a value that changes the numbers is still refused
@@ -504,3 +509,14 @@ def test_batch_sizes_derived_once_the_world_size_is_known():
         to_tierlift_yaml({"train_batch_size": 8, "gradient_accumulation_steps": 2})
     text = to_tierlift_yaml({"train_batch_size": 8, "gradient_accumulation_steps": 2}, world_size=2)
     assert TrainConfig.from_dict(yaml.safe_load(text)).train.micro_batch_size == 2
+
+
+def test_activation_checkpointing_section_maps_onto_the_activation_policy():
+    assert from_deepspeed(_ds()).train.activations.policy == "keep"
+    c = from_deepspeed(_ds(activation_checkpointing={"partition_activations": False, "number_checkpoints": 4,
+                                                     "contiguous_memory_optimization": True}))
+    assert c.train.activations.policy == "recompute"
+    assert any("number_checkpoints" in n for n in c._deepspeed_notes)  # no effect, said so
+    assert from_deepspeed(_ds(activation_checkpointing={"cpu_checkpointing": True})).train.activations.policy == "auto"
+    probs = _problems(_ds(activation_checkpointing={"cpu_checkpointing": "yes", "partition_activation": True}))
+    assert set(probs) == {"activation_checkpointing.cpu_checkpointing", "activation_checkpointing.partition_activation"}

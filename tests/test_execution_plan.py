@@ -161,6 +161,22 @@ def test_cli_plan_shows_the_placement_the_engine_has(tmp_path, capsys):
         eng.close()
 
 
+def test_cli_plan_is_multi_node_aware(tmp_path, capsys):
+    """Host memory is per node: 4 ranks on 2 nodes get a larger share each than 4 on one."""
+    from tierlift.launch.cli import main
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL, "data": {"seq_len": 16}, "run": {"device": "cpu"},
+                                    "offload": {"optimizer": {"kind": "cpu"}}}))
+    out = {}
+    for rpn in ("4", "2"):
+        assert main(["plan", str(path), "--world-size", "4", "--ranks-per-node", rpn, "--json"]) == 0
+        out[rpn] = json.loads(capsys.readouterr().out)
+    two = out["2"]
+    assert two["ranks_per_node"] == 2 and two["execution"]["nodes"] == 2 and two["execution"]["ranks_per_node"] == 2
+    assert two["execution"]["host_budget_per_node_bytes"] == 2 * two["budgets"]["host_bytes"]
+    assert two["budgets"]["host_bytes"] > out["4"]["budgets"]["host_bytes"]
+
+
 def test_planner_knows_parameters_on_nvme(tmp_path, caplog):
     from tierlift.runtime.config import TrainConfig
     from tierlift.runtime.replan import Replanner

@@ -128,7 +128,7 @@ def test_predicted_step_is_monotone_in_disk_rate():
 
 
 def test_all_on_nvme_respects_the_disk_floor():
-    # design.md §4: 12 B/param read + 12 B/param written per step at ~1.9 GB/s
+    # the reference node (docs/planning.md): 12 B/param read + 12 B/param written per step at ~1.9 GB/s
     equal = ModelShape.from_numels([BLOCK] * (NBLOCKS + 1))
     p = plan(equal, Budgets(16 * GiB, _host_need(equal, 0) + (1 << 20)), H100, TRAIN)
     assert p.host_chunks == 0 and p.nvme_bytes == 12 * sum(equal.shard_numel)

@@ -45,7 +45,8 @@ def run_dir(tmp_path_factory):
     rd = str(tmp_path_factory.mktemp("run"))
     model = {"kind": "gpt", "d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 16}
     cfg = TrainConfig.from_dict({"model": model, "data": {"seq_len": 16},
-                                 "train": {"micro_batch_size": 2, "max_steps": STEPS, "checkpoint_every": 4},
+                                 "train": {"micro_batch_size": 2, "max_steps": STEPS, "checkpoint_every": 4,
+                                           "activations": {"policy": "swap", "min_swap_bytes": 0}},
                                  "run": {"device": "cpu", "backend": "local", "dir": rd}})
     with open(os.path.join(rd, "config.yaml"), "w") as f:  # as `tierlift train` writes it
         f.write(cfg.to_yaml())
@@ -78,9 +79,9 @@ def test_report_embeds_pngs_and_writes_them_beside(run_dir):
     assert path == os.path.join(run_dir, "report", "report.html")
     page = open(path, encoding="utf-8").read()
     imgs = _images(page)
-    assert len(imgs) == 6, list(imgs)  # loss, step time, breakdown, memory, io, prefetch (the engine's counts)
+    assert len(imgs) == 7, list(imgs)  # loss, step time, breakdown, memory, io, prefetch, activations
     assert all(b.startswith(PNG) and len(b) > 5000 for b in imgs.values())
-    for name in ("loss", "step_time", "time_breakdown", "memory", "io", "prefetch"):
+    for name in ("loss", "step_time", "time_breakdown", "memory", "io", "prefetch", "activations"):
         with open(os.path.join(run_dir, "report", f"{name}.png"), "rb") as f:
             assert f.read() in imgs.values()
     assert "prefetch_miss" in page  # one unit: every stage-3 gather is on demand
@@ -95,7 +96,8 @@ def test_report_without_telemetry_still_renders(run_dir, tmp_path):
     shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns("telemetry", "report", "checkpoints"))
     page = open(build_report(str(bare)), encoding="utf-8").read()
     assert set(_images(page)) == {"Training loss per optimizer step", "Step time and tokens/s",
-                                  "Step-time breakdown", "Memory per tier over time"}  # memory from metrics/
+                                  "Step-time breakdown", "Memory per tier over time",  # memory from metrics/
+                                  "Activations: kept, swapped, recomputed"}
     assert "Not available: no telemetry/ samples" in page and "Not available: no prefetch events" in page
     assert "No runtime events recorded" in page
 

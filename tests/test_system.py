@@ -295,10 +295,10 @@ def test_bytes_arg():
 def test_memlock_below_pinned_budget_fails_with_ulimit_fix(monkeypatch):
     import resource
 
-    from tierlift.offload import pinned
+    from tierlift.offload import host_alloc
     monkeypatch.setattr(resource, "getrlimit", lambda which: (8 << 20, 8 << 20))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(pinned, "_has_cap_ipc_lock", lambda: False)
+    monkeypatch.setattr(host_alloc, "_has_cap_ipc_lock", lambda: False)
     rows = cmd_doctor._check_host(_profile(), True, 1 << 30)
     row = next(r for r in rows if r.check == "memlock")
     assert row.level == "FAIL" and "ulimit -l unlimited" in row.fix

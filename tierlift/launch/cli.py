@@ -302,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Node and planning commands live in their own modules (tierlift/launch/cmd_*.py);
     # each adds its subparser with `register(subparsers, common)`.
-    from tierlift.launch import cmd_doctor, cmd_plan, cmd_report
-    for mod in (cmd_plan, cmd_doctor, cmd_report):
+    from tierlift.launch import cmd_doctor, cmd_plan, cmd_render, cmd_report
+    for mod in (cmd_plan, cmd_doctor, cmd_report, cmd_render):
         mod.register(sub, common)
     return p
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import replace
@@ -61,6 +62,39 @@ def _kinds(path: str, cfg) -> tuple[str, str]:
     return tuple(type(getattr(cfg.offload, r)).KIND if given[r] else "auto" for r in ("optimizer", "param"))
 
 
+def _activation_plan(cfg, units, notes: list[str]):
+    """The activation plan the engine executes: for ``auto`` it is made from the first
+    step's measurements, so it is read from ``run.dir/activations.json`` (the Trainer
+    writes it there); a fixed policy's decisions are known without a run."""
+    from tierlift.offload.activation_plan import (ActivationPlan, ActivationRates, UnitActivationProfile,
+                                                  fixed_plan)
+
+    policy = cfg.train.activations.policy
+    if policy == "keep":
+        return None
+    path = os.path.join(cfg.run.dir, "activations.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        plan = ActivationPlan.from_record(rec["plan"])
+        notes.append(f"activations: the plan {path} recorded at step {rec.get('step')}")
+        return plan
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        notes.append(f"activations: {path} is unreadable ({type(exc).__name__}: {exc}); ignored")
+    if policy == "auto":
+        notes.append("activations: policy auto is planned from the first training step's measurements; "
+                     f"run it, then `tierlift plan` reads {path}")
+        return None
+    outer = [u.name for u in units if u.name]
+    outer = [n for n in outer if not any(n.startswith(o + ".") for o in outer if o != n)]
+    notes.append(f"activations: policy {policy} for every unit; bytes are measured by a run "
+                 f"(then in {path})")
+    return fixed_plan(policy, [UnitActivationProfile(n, 0, 0, 0, 0.0, 0.0) for n in outer],
+                      ActivationRates(0.0, 0.0, 1.0, 1.0, 0.0, 0.0))
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from tierlift.errors import ConfigError
     from tierlift.layout import plan_chunks
@@ -104,10 +138,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         notes.append("optimizer state goes partly to NVMe: set offload.optimizer: {kind: nvme, path: DIR}")
         result = replace(result, notes=tuple(notes))
     execution = execution_plan_for(cfg, layout, result, gpu=cfg.run.device != "cpu")  # what rank 0's engine runs
+    execution = replace(execution, activations=_activation_plan(cfg, units, notes))
+    result = replace(result, notes=tuple(notes))
     if args.json:
         for n in result.notes:
             print(f"tierlift plan: {n}", file=sys.stderr)
         print(json.dumps({**result.to_dict(), "execution": execution.to_dict()}, indent=2))
     else:
-        sys.stdout.write(result.to_table() + "\n" + execution.to_table())
+        sys.stdout.write(result.to_table() + "\n" + execution.to_table()
+                         + (execution.activations.to_table() if execution.activations else ""))
     return 0

@@ -79,7 +79,7 @@ def _check_size(size: int, expected: int, environ: Mapping[str, str], setting: s
         why = (f"srun started {tasks} tasks without PMI, so each is its own 1-rank MPI world "
                f"instead of one world of {expected}.")
         fix = "run `srun --mpi=pmi2 ...` (see `srun --mpi=list`), or mpiexec inside the allocation."
-    elif size == 1:
+    elif size == 1 and tasks is None:
         why = f"this process is a 1-rank MPI world (no MPI launcher started it), but {expected} ranks were asked."
         fix = _FIX_LAUNCH.format(n=expected) + ", or use --backend local to start the ranks from tierlift."
     else:

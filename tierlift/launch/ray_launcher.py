@@ -39,6 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from tierlift.errors import LaunchError, TierliftError
 from tierlift.launch.local import RankLog, pump_lines, rank_env
 from tierlift.launch.ports import check_port_free, resolve_master_port
+from tierlift.launch.ray_fate import JOB_ENV, Reaper, exit_with_driver
 from tierlift.parallel.env import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, usable_cores
 
 __all__ = ["launch_ray", "CommandFailed"]
@@ -246,6 +247,8 @@ def _run_command(spec: Mapping[str, Any], env: DistEnv) -> None:
 def _train_loop(spec: dict) -> None:
     """train_loop_per_worker: runs on every rank inside a Ray Train worker."""
     env = DistEnv.from_environ()  # set by _TierliftTorchBackend.on_start
+    if spec["driver_pid"]:
+        exit_with_driver(spec["driver_pid"])  # a rank never trains on after its driver died
     if not spec["debug"]:
         # Ray Train logs every rank's exception with its traceback ("Error in
         # training function"); the driver already prints a TierliftError as one
@@ -363,7 +366,7 @@ def launch_ray(*, nproc: int, run_dir: str | None = None, target: str | None = N
         extra.setdefault("OMP_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
     spec = {"target": target, "kwargs": dict(kwargs or {}), "cmd": list(cmd or []), "cwd": os.getcwd(),
             "run_dir": run_dir, "env": extra, "master_port": int(master_port), "port_setting": port_setting,
-            "debug": debug}
+            "debug": debug, "driver_pid": os.getpid() if local else None}
     # Workers run the driver's interpreter (same venv); the checkout goes on
     # PYTHONPATH so tierlift imports there even when it is not installed.
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -388,6 +391,9 @@ def launch_ray(*, nproc: int, run_dir: str | None = None, target: str | None = N
             AuthenticationTokenLoader.instance().reset_cache()
         storage = os.path.join(run_dir, "ray") if run_dir else tempfile.mkdtemp(prefix="tierlift-ray-")
         owns_ray = not ray.is_initialized()
+        reaper = Reaper() if owns_ray and local else None  # Ray's processes die with this one
+        if reaper is not None:
+            os.environ[JOB_ENV] = reaper.token  # inherited by every Ray process; restored by _ray_environ
         try:
             if owns_ray:
                 init_kw: dict[str, Any] = dict(address=address or "local", include_dashboard=False,
@@ -415,5 +421,7 @@ def launch_ray(*, nproc: int, run_dir: str | None = None, target: str | None = N
         finally:
             if owns_ray:
                 ray.shutdown()  # stops gcs_server, raylet and every worker it started
+            if reaper is not None:
+                reaper.close()  # and whatever Ray left running (its agents linger for a minute)
             if run_dir is None:
                 shutil.rmtree(storage, ignore_errors=True)

@@ -64,10 +64,10 @@ def check_dns_label(setting: str, value: str | None) -> None:
 
 
 def load_job(config: str, *, nodes: int, ranks_per_node: int, device: str, backend: str,
-             run_root: str | None = None) -> Job:
+             run_dir: str | None = None, run_root: str | None = None) -> Job:
     """Load and validate ``config`` for a job of ``nodes`` x ``ranks_per_node`` ranks.
     ``run_root``: put the run directory at ``run_root/<name>`` (a path inside the
-    job's containers) instead of the config's ``run.dir``."""
+    job's containers) instead of ``run_dir`` (default: the config's ``run.dir``)."""
     from tierlift._configbase import from_dict
     from tierlift.offload.policy import NVMeOffload
     from tierlift.runtime.config import TrainConfig
@@ -76,7 +76,7 @@ def load_job(config: str, *, nodes: int, ranks_per_node: int, device: str, backe
     cfg = TrainConfig.load(config, world_size=world)
     data = cfg.to_dict()
     data["run"].update(nproc=world, backend=backend, device=device)
-    data["run"]["dir"] = os.path.abspath(data["run"]["dir"])
+    data["run"]["dir"] = os.path.abspath(run_dir or data["run"]["dir"])
     if run_root is not None:
         data["run"]["dir"] = posixpath.join(run_root, job_name(data["run"]["dir"]))
     cfg = from_dict(TrainConfig, data)  # re-validated for this world and backend

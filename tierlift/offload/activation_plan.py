@@ -157,6 +157,30 @@ class ActivationPlan:
     def to_json(self) -> list[dict]:
         return [asdict(d) for d in self.decisions]
 
+    def to_record(self) -> dict:
+        """The whole plan as JSON-able data (``from_record`` reads it back)."""
+        return {"policy": self.policy, "decisions": self.to_json(), "predicted_step_s": self.predicted_step_s,
+                "predicted_peak_bytes": self.predicted_peak_bytes, "recompute_s": self.recompute_s,
+                "swap_stall_s": self.swap_stall_s, "swapped_bytes": self.swapped_bytes, "feasible": self.feasible,
+                "notes": list(self.notes)}
+
+    @classmethod
+    def from_record(cls, d: dict) -> "ActivationPlan":
+        return cls(d["policy"], tuple(UnitDecision(**x) for x in d["decisions"]), float(d["predicted_step_s"]),
+                   int(d["predicted_peak_bytes"]), float(d["recompute_s"]), float(d["swap_stall_s"]),
+                   int(d["swapped_bytes"]), bool(d["feasible"]), tuple(d.get("notes", ())))
+
+    def to_table(self) -> str:
+        """One row per unit: decision, swap fraction, bytes kept / swapped, recompute ms."""
+        rows = [f"activation plan ({self.policy}): predicted +{self.recompute_s * 1e3:.1f} ms recompute, "
+                f"{self.swap_stall_s * 1e3:.1f} ms swap stall, {self.predicted_peak_bytes / 2**30:.3f} GiB kept, "
+                f"{self.swapped_bytes / 2**30:.3f} GiB swapped" + ("" if self.feasible else "  ** over budget **"),
+                f"  {'unit':<32}{'decision':<11}{'swap':>6}{'kept MiB':>12}{'swapped MiB':>13}{'recompute ms':>14}"]
+        rows += [f"  {d.unit[:31]:<32}{d.decision:<11}{d.swap_fraction:>6.2f}{d.kept_bytes / 2**20:>12.1f}"
+                 f"{d.swapped_bytes / 2**20:>13.1f}{d.recompute_s * 1e3:>14.2f}" for d in self.decisions]
+        rows += [f"  note: {n}" for n in self.notes]
+        return "\n".join(rows) + "\n"
+
 
 def _decide(p: UnitActivationProfile, mode: str, swap_fraction: float = 0.0) -> UnitDecision:
     if mode == "keep":

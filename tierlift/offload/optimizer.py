@@ -220,7 +220,7 @@ class OffloadedOptimizer(HostStateMixin):
                                    setting="offload.optimizer.path", verify=self.policy.verify,
                                    param_dtype=self.compute_dtype if self.params_on_nvme else None)
         release_at_exit(self.nvme.file, keep=self.policy.keep_files, created_dir=fresh_dir,
-                        setting="offload.optimizer.path")
+                        setting="offload.optimizer.path", close=self.close)
         self._ensure_staging()
         # Initial state of NVMe-tier chunks: master from the model, zero moments, a piece
         # at a time through one staging set.

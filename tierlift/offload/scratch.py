@@ -8,10 +8,11 @@ an uncaught exception -- not SIGKILL or ``os._exit``), together with its directo
 when tierlift created that directory and nothing else is left in it.
 ``offload.optimizer.keep_files: true`` leaves them in place.
 
-Either way the file is closed at exit: its I/O worker threads still alive while
-Python finalises abort the process ("terminate called without an active
-exception", exit 134) after a good run.  An engine closed before exit has done
-all this already; the hook then only removes the directory.
+Either way its owner (the host optimizer) is closed at exit, unless it was closed
+before: its worker and the file's I/O threads still alive while Python finalises
+abort the process now and then ("terminate called without an active exception",
+exit 134) after a good run.  Closing the owner closes the file, which removes it
+unless kept; the hook then removes the directory.
 
 Only what tierlift created is removed: the file only while its path still names
 the file this process opened (same device and inode), never a file put there
@@ -23,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from typing import Callable
 
 from tierlift.offload.nvme import NVMeFile
 
@@ -31,8 +33,10 @@ __all__ = ["release_at_exit"]
 log = logging.getLogger(__name__)
 
 
-def release_at_exit(f: NVMeFile, *, keep: bool, created_dir: bool, setting: str) -> None:
-    """Log where ``f`` lives and close it at exit, removing it unless ``keep``.
+def release_at_exit(f: NVMeFile, *, keep: bool, created_dir: bool, setting: str,
+                    close: Callable[[], None] | None = None) -> None:
+    """Log where ``f`` lives and close it at exit (through ``close``, its owner's
+    close, which must close ``f``; default ``f.close``), removing it unless ``keep``.
     ``created_dir``: ``f.dir`` did not exist before tierlift opened the file."""
     f.keep = keep  # an engine's close() before exit honours the setting too
     section = setting.rsplit(".", 1)[0]
@@ -40,7 +44,8 @@ def release_at_exit(f: NVMeFile, *, keep: bool, created_dir: bool, setting: str)
              f"kept after the run: {section}.keep_files is true" if keep
              else f"removed at exit; set {section}.keep_files: true to keep it")
     st = os.fstat(f._fd)
-    atexit.register(_at_exit, f, (st.st_dev, st.st_ino), f.dir if created_dir and not keep else None)
+    atexit.register(_at_exit, f, close or f.close, (st.st_dev, st.st_ino),
+                    f.dir if created_dir and not keep else None)
 
 
 def _same_file(path: str, ident: tuple[int, int]) -> bool:
@@ -51,11 +56,12 @@ def _same_file(path: str, ident: tuple[int, int]) -> bool:
     return (st.st_dev, st.st_ino) == ident
 
 
-def _at_exit(f: NVMeFile, ident: tuple[int, int], created_dir: str | None) -> None:
+def _at_exit(f: NVMeFile, close: Callable[[], None], ident: tuple[int, int], created_dir: str | None) -> None:
     try:
         if not f.keep and not _same_file(f.path, ident):
             f.keep = True  # the path names another file now: not ours to delete
-        f.close()  # waits for I/O in flight, stops the workers, unlinks file and sidecar unless keep
+        if not f._closed:  # else the engine was closed before exit, and this file with it
+            close()  # waits for I/O in flight, stops the threads; the file is unlinked unless keep
     except Exception as e:  # an exit hook must not turn a finished run into a failed one
         log.warning("could not close NVMe scratch file %s at exit: %s", f.path, e)
     if created_dir is not None:

@@ -50,8 +50,9 @@ class ZeroConfig:
         memory activations use (``offload/arena.py``).  Measured on L1B, the pool
         costs 1.4-1.7 GiB more peak reserved memory and the shared allocator's
         reserved - allocated levels off within a few steps: docs/zero.md.
-    rendezvous_timeout_s: seconds a collective outside fit() (a forward of the
-        sharded model, gathered_parameters, unwrap_model) waits for every rank to
+    rendezvous_timeout_s: seconds a collective outside the training step (a forward
+        of the sharded model, gathered_parameters, unwrap_model, full_state_dict,
+        evaluate) waits for every rank to
         enter it before failing with an error that says so (instead of hanging in
         the all-gather until the process group's timeout); ``rendezvous.py``.
     """

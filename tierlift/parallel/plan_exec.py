@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from tierlift.offload.execplan import ExecutionPlan, PlanMismatch, build_execution_plan
 from tierlift.layout import ChunkLayout
+from tierlift.offload.execplan import ExecutionPlan, PlanMismatch, build_execution_plan
 
-__all__ = ["plan_for_engine", "actual_placement", "verify", "apply_plan"]
+__all__ = ["PlanMismatch", "plan_for_engine", "check_layout", "actual_placement", "verify", "apply_plan"]
 
 
 def plan_for_engine(layout: ChunkLayout, zero, offload, optimizer_name: str, compute_dtype: torch.dtype,

@@ -2,7 +2,8 @@
 
 Inside the Trainer's loop every rank runs the same steps, so the engine's gathers
 always meet.  Outside it -- a forward of the sharded model (eval, ``generate``),
-``gathered_parameters()``, ``unwrap_model()`` -- user code decides who calls, and
+``gathered_parameters()``, ``unwrap_model()``, ``trainer.full_state_dict()``,
+``trainer.evaluate()`` -- user code decides who calls, and
 the usual mistake (``if rank == 0: model.generate(...)``) leaves rank 0 in an
 all-gather nobody else joins, silent until the process group's 30-minute timeout.
 Before such a collective, every rank counts itself in under a key of the process
@@ -11,8 +12,8 @@ all ranks are counted; a rank that gives up takes its count back atomically
 (``compare_set``), so nobody ever passes a check that another abandoned, and the
 process group carries no half-done collective: the job can go on.
 
-Cost: only outside the Trainer's loop, once per collective entry (an idle-phase
-forward checks once per unit it must gather): one store ``add`` and a few polls,
+Cost: never inside a training step; once per checked call (an idle-phase forward:
+once per unit it must gather): one store ``add`` and a few polls,
 i.e. a few store round trips, ~0.1-1 ms on one host.  Keys are namespaced by
 engine (engines are built in the same order on every rank) and by purpose, so two
 ranks in different collectives both fail instead of meeting in the wrong one.
@@ -60,20 +61,33 @@ class Rendezvous:
         nap = _POLL_S[0]
         while count < self.world_size:
             if time.monotonic() >= deadline:
-                # Take our count back unless the last rank came in meanwhile (then all are here).
-                if store.compare_set(key, str(count), str(count - 1)) == str(count - 1).encode():
+                absent = self._leave(store, key)
+                if absent is not None:
                     raise RanksAbsentError(
-                        f"{doing} is a collective at ZeRO stage 3, but only {count} of {self.world_size} ranks "
-                        f"entered it within {self.timeout_s:g} s.",
+                        f"{doing} is a collective every rank must enter, but only {absent + 1} of "
+                        f"{self.world_size} ranks entered it within {self.timeout_s:g} s.",
                         setting="zero.rendezvous_timeout_s", value=self.timeout_s, rank=self.rank,
                         fix="run it on every rank, or for one rank alone (eval, generate) first call "
                             "`model = trainer.unwrap_model(rank0_only=True)` or enter "
                             "`with trainer.gathered_parameters():` on every rank; raise the timeout if a rank "
                             "is just slow.")
-                deadline = time.monotonic() + self.timeout_s
             time.sleep(nap)
             nap = min(nap * 2, _POLL_S[1])
             count = store.add(key, 0)
         self._seq[purpose] = seq + 1
         if self.rank == 0 and seq >= 2:
             store.delete_key(f"{self.prefix}/{purpose}/{seq - 2}")
+
+    def _leave(self, store, key: str) -> int | None:
+        """Take this rank's count back atomically: the others' count, or None when the last
+        rank came in meanwhile (all are here).  The value written spells the number with
+        rank + 1 leading zeros (the store's ``add`` still parses it), so ``compare_set``
+        answering with it proves it was this rank's write, not another rank's equal number."""
+        while True:
+            raw = store.get(key)
+            n = int(raw)
+            if n >= self.world_size:
+                return None
+            mine = "0" * (self.rank + 1) + str(n - 1)
+            if store.compare_set(key, raw, mine) == mine.encode():
+                return n - 1

@@ -40,7 +40,7 @@ from tierlift.parallel.comm import reduce_scatter_flat
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.parallel.gather import GatherMixin, keep_for_backward
 from tierlift.parallel.optim import LossScaler, global_grad_norm
-from tierlift.parallel.plan_exec import check_layout, plan_for_engine, verify
+from tierlift.parallel.plan_exec import PlanMismatch, check_layout, plan_for_engine, verify
 from tierlift.parallel.rendezvous import Rendezvous
 from tierlift.parallel.unshard import UnshardMixin
 from tierlift.parallel.zero_state import EngineStateMixin
@@ -173,7 +173,11 @@ class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
         log.info("rank %d: %d chunks in %d groups, %.1f M params, %.1f M shard elems/rank, stage %d",
                  self.rank, len(self.chunks), len(self.groups), self.layout.total_numel / 1e6,
                  self.layout.shard_numel() / 1e6, zero.stage)
-        verify(self, "after construction")
+        try:
+            verify(self, "after construction")
+        except PlanMismatch:
+            self.close()  # the host optimizer's worker and its NVMe file go with the refused engine
+            raise
 
     # -- setup ---------------------------------------------------------------
     @staticmethod

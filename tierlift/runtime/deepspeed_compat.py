@@ -35,8 +35,8 @@ from tierlift.offload.policy import OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.runtime import deepspeed_keys as K
 from tierlift.runtime.deepspeed_auto import map_batch_sizes
-from tierlift.runtime.deepspeed_sections import (collect_errors, map_aio, map_optimizer, map_precision, map_scheduler,
-                                                  map_zero)
+from tierlift.runtime.deepspeed_sections import (collect_errors, map_activations, map_aio, map_optimizer,
+                                                  map_precision, map_scheduler, map_zero)
 from tierlift.runtime.loop_config import LoopConfig
 from tierlift.runtime.schedule import SchedulerConfig
 
@@ -232,6 +232,7 @@ def map_deepspeed(d: Mapping[str, Any], cfg_cls: type[C], *, world_size: int | N
     compute = map_precision(w, top)
     aio = map_aio(w, top.get("aio"))
     map_zero(w, top.get("zero_optimization"), aio, compute)
+    map_activations(w, top.get("activation_checkpointing"))
     w.notes.append("model, data and run are not part of DeepSpeed configs: they keep tierlift's defaults; "
                    "set them in the converted YAML.")
     cfg = _build(w, cfg_cls)

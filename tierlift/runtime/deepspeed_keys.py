@@ -26,7 +26,7 @@ from __future__ import annotations
 TOP_MAPPED = frozenset({
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "steps_per_print", "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "bfloat16",
-    "communication_data_type", "zero_optimization", "aio",
+    "communication_data_type", "zero_optimization", "aio", "activation_checkpointing",
 })
 
 TOP_FIXED = {
@@ -41,8 +41,6 @@ TOP_AUTO = frozenset({"train_batch_size", "train_micro_batch_size_per_gpu", "gra
                       "gradient_clipping"})
 
 TOP_IGNORED = {
-    "activation_checkpointing": "configures DeepSpeed's deepspeed.checkpointing API, which tierlift does not "
-                                "provide; set train.activation_checkpointing: true for tierlift's recompute",
     "checkpoint": "DeepSpeed's checkpoint-file options; tierlift checkpoints are sharded, atomic and resume at "
                   "any world size",
     "memory_breakdown": "tierlift's telemetry records memory per tier in run.dir",
@@ -222,3 +220,19 @@ SCHEDULER_FIXED = {
 # Keys whose presence marks a mapping as DeepSpeed's (tierlift YAML has none of them).
 MARKERS = (TOP_MAPPED - {"optimizer", "scheduler"}) | set(TOP_FIXED) | set(TOP_NO_EFFECT) \
     | set(TOP_DISABLED_ONLY) | set(TOP_IGNORED) | {"data_types", "elasticity"}
+
+
+# -- activation_checkpointing ---------------------------------------------------
+# The section's presence asks for checkpointing (train.activations.policy: recompute);
+# cpu_checkpointing asks for activations in host memory too (policy: auto, which plans
+# keep / swap to pinned host memory / recompute per unit under the GPU budget).
+ACT_MAPPED = frozenset({"cpu_checkpointing"})
+ACT_NO_EFFECT = {
+    "partition_activations": "it splits checkpoints across model-parallel ranks; tierlift has no tensor "
+                             "parallelism, so no activation is replicated across ranks",
+    "contiguous_memory_optimization": "tierlift's swapped activations live in one pinned slab, sub-allocated "
+                                      "per tensor; on the GPU torch's allocator holds them",
+    "number_checkpoints": "it sizes DeepSpeed's contiguous buffer; tierlift checkpoints every wrap unit",
+    "synchronize_checkpoint_boundary": "tierlift's executor synchronises nothing between units",
+    "profile": "tierlift records act_recompute_ms and act_swap_stall_ms per step in the run's metrics",
+}

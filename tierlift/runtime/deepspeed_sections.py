@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from tierlift.runtime.deepspeed_compat import Walk
 
 __all__ = ["collect_errors", "map_optimizer", "map_scheduler", "map_precision", "map_aio",
-           "map_zero"]
+           "map_zero", "map_activations"]
 
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of the compute dtype
 
@@ -250,6 +250,25 @@ def map_aio(w: Walk, aio: Any) -> dict | None:
     for exc in errors:
         w.report(exc)
     return out if aio is not None and not errors else None
+
+
+def map_activations(w: Walk, section: Any) -> None:
+    """DeepSpeed's ``activation_checkpointing`` onto ``train.activations.policy``."""
+    if section is None:
+        return
+    sec = w.section(section, "activation_checkpointing", K.ACT_MAPPED, no_effect=K.ACT_NO_EFFECT)
+    cpu = sec.get("cpu_checkpointing", False)
+    if not isinstance(cpu, bool):
+        w.problem("activation_checkpointing.cpu_checkpointing", cpu, "must be true or false.", "use true or false.")
+        return
+    policy = "auto" if cpu else "recompute"
+    w.put("train.activations", {"policy": policy}, "activation_checkpointing")
+    w.notes.append(
+        f"activation_checkpointing -> train.activations.policy={policy}: "
+        + ("activations kept, swapped to pinned host memory or recomputed per unit, planned under the GPU budget "
+           "(DeepSpeed's cpu_checkpointing moves checkpoints to host memory)." if cpu else
+           "every wrap unit recomputed in backward (DeepSpeed checkpoints where the model calls "
+           "deepspeed.checkpointing; tierlift needs no model change)."))
 
 
 def map_zero(w: Walk, zero: Any, aio: dict | None, compute: str) -> None:

@@ -248,6 +248,22 @@ def _plot_prefetch(d):
     return fig
 
 
+def _plot_activations(d):
+    """The activation executor's per-step columns (train.activations, offload/activations.py)."""
+    m = d["metrics"]
+    fig, (a1, a2) = _fig(2, 2.8)
+    _line(a1, _xy(m, "step", "act_peak_bytes", 2**30), label="peak kept on the device (GiB)")
+    _line(a1, _xy(m, "step", "act_swapped_bytes", 2**30), label="swapped to host (GiB)")
+    a1.set(ylabel="GiB", title="Saved activations")
+    _line(a2, _xy(m, "step", "act_recompute_ms"), color="C2", label="recompute (ms)")
+    _line(a2, _xy(m, "step", "act_swap_stall_ms"), color="C3", label="swap-in stall (ms)")
+    a2.set(xlabel="optimizer step", ylabel="ms per step")
+    for ax in (a1, a2):
+        ax.grid(alpha=.3)
+        ax.legend()
+    return fig
+
+
 def _save(fig, out_dir: str, name: str) -> str:
     """Write the PNG beside the page and return it base64-encoded for the data URI."""
     path = os.path.join(out_dir, name)
@@ -339,6 +355,8 @@ def build_report(run_dir: str, out_dir: str | None = None) -> str:
         ("io.png", "Disk and PCIe throughput", _plot_io, bool(d["samples"]), "no telemetry/ samples"),
         ("prefetch.png", "Prefetch hit rate and stalls", _plot_prefetch, has_prefetch,
          "no prefetch events recorded (the engine emitted none for this run)"),
+        ("activations.png", "Activations: kept, swapped, recomputed", _plot_activations,
+         bool((d["metrics"] or {}).get("act_peak_bytes")), "train.activations.policy is keep (no executor ran)"),
     ]
     body = [f"<h1>tierlift run report</h1><p>{html.escape(run_dir)}</p>"]
     body += [_note(n) for n in d["notes"]]

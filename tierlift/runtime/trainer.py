@@ -13,6 +13,7 @@ none exists.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -105,6 +106,7 @@ class Trainer:
         self.engine = ZeroEngine(model, cfg.zero, cfg.precision, cfg.optimizer, self.device,
                                  offload=cfg.offload, activations=cfg.train.activations)
         self.step = 0
+        self._act_plan_saved = None  # the activation plan last written to run_dir/activations.json
         self.train_data = train_data
         self.eval_data = eval_data
         self.batcher = self._batcher(train_data, cfg.data.shuffle) if train_data is not None else None
@@ -144,6 +146,12 @@ class Trainer:
             self.engine.backward(loss / len(micro), sync_grads=a == len(micro) - 1)
         stats = self.engine.step(lr)
         act_metrics = acts.end_step() if acts is not None else {}
+        if acts is not None and acts.plan is not self._act_plan_saved:
+            self._act_plan_saved = acts.plan
+            if self.run_dir and self.rank == 0:  # what `tierlift plan` prints for this run's activations
+                write_json_atomic(os.path.join(self.run_dir, "activations.json"),
+                                  {"step": self.step + 1, "plan": acts.plan.to_record(),
+                                   "profiles": [dataclasses.asdict(p) for p in acts.profiles or ()]})
         # One scalar all-reduce: mean loss over ranks and micro-batches, and global tokens.
         packed = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
@@ -275,6 +283,7 @@ class Trainer:
         if self.eval_data is None:
             raise ConfigError("no evaluation data was given.", setting="eval_data", value=None,
                               fix="pass eval_data=... to Trainer or set data.eval_path.")
+        self.engine.rendezvous.check("evaluate", "trainer.evaluate()")  # one store round trip; see rendezvous.py
         batcher = self._batcher(self.eval_data, shuffle=False)
         n = max_batches or self.cfg.train.eval_batches
         self.model.eval()
@@ -294,7 +303,9 @@ class Trainer:
     # -- state ---------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 parameters on rank 0 (names as in model.state_dict());
-        other ranks take part in the gather and get an empty dict."""
+        other ranks take part in the gather and get an empty dict.  All ranks call it
+        (checked: a call on rank 0 alone fails after ``zero.rendezvous_timeout_s``)."""
+        self.engine.rendezvous.check("full_state_dict", "trainer.full_state_dict()")
         return self.engine.full_state_dict()
 
     def unwrap_model(self, rank0_only: bool = False, device: torch.device | str | None = None) -> nn.Module:

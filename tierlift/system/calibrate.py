@@ -115,7 +115,7 @@ def _per_call(fn: Callable[[], Any], target_s: float, sync: Callable[[], Any] = 
 
 
 def _adamw_rate(n: int, device: torch.device, target_s: float, sync: Callable[[], Any]) -> float:
-    """fp32 params per second of one fused AdamW step over ``n`` params (as parallel/optim.py calls it)."""
+    """fp32 params per second of one fused AdamW step over ``n`` params (as offload/shard_optim.py calls it)."""
     p, g = torch.rand(n, device=device), torch.randn(n, device=device).mul_(1e-3)
     m, v = torch.zeros(n, device=device), torch.zeros(n, device=device)
     step = torch.zeros((), dtype=torch.float32, device=device)
