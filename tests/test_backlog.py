@@ -81,9 +81,9 @@ def test_offloaded_optimizer_steps_waiting_gradients_in_next_forward_order():
                              OffloadConfig(optimizer=CPUOffload()), torch.float32, torch.device("cpu"),
                              deferred=False)
     stepped, gate = [], threading.Event()
-    run_steps, drain = opt._run_steps, opt._drain_backlog
-    opt._run_steps = lambda order, *a, **k: (stepped.extend(order), run_steps(order, *a, **k))
-    opt._drain_backlog = lambda: (gate.wait(), drain())
+    run_steps, drain = opt.stepper.run, opt.worker._drain_backlog
+    opt.stepper.run = lambda order, *a, **k: (stepped.extend(order), run_steps(order, *a, **k))
+    opt.worker._drain_backlog = lambda: (gate.wait(), drain())
     root = next(c.index for c in layout if c.unit == "")
     blocks = [c.index for c in layout if c.unit != ""]
     opt.set_step_order([root] + blocks)

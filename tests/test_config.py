@@ -84,6 +84,8 @@ def test_policy_needs_known_kind():
     ({"offload": {"optimizer": {"kind": "nvme", "path": "/tmp/x", "aio": {"use_gds": True}}}},
      "offload.optimizer.aio.use_gds", True),
     ({"offload": {"optimizer": {"kind": "nvme", "path": ""}}}, "offload.optimizer.path", ""),
+    # offloaded parameters are refreshed from the host optimizer (offload/policy.py, params_offload_error)
+    ({"offload": {"param": {"kind": "cpu"}}, "zero": {"stage": 3}}, "offload.param", "cpu"),
     # parameters on NVMe share the optimizer's extent file
     ({"offload": {"optimizer": {"kind": "cpu"}, "param": {"kind": "nvme", "path": "/tmp/x"}}, "zero": {"stage": 3}},
      "offload.optimizer.kind", "cpu"),
@@ -114,7 +116,7 @@ def test_nvme_path_missing_but_creatable(tmp_path):
 
 # -- cross-section rules ----------------------------------------------------------------
 def test_param_offload_needs_stage_3():
-    e = _err({"zero": {"stage": 2}, "offload": {"param": {"kind": "cpu"}}})
+    e = _err({"zero": {"stage": 2}, "offload": {"optimizer": {"kind": "cpu"}, "param": {"kind": "cpu"}}})
     assert e.setting == "zero.stage" and e.value == 2 and "stage 3" in e.message
     TrainConfig.from_dict({"zero": {"stage": 2}, "offload": {"optimizer": "cpu"}})  # optimizer offload is fine
 

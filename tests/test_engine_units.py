@@ -118,11 +118,11 @@ def test_units_stay_gathered_for_backward_within_reuse_distance(distance, kept):
         for e, m in ((eng, model), (ref_eng, ref)):
             e.forward_begin()
             loss = m(x, y, route=1)
-            gathered = sum(not e._is_sharded(g) for g in e.groups)
+            gathered = sum(not g.is_sharded() for g in e.groups)
             if e is eng:  # the order is known from step 2 on: the last units stay gathered
                 assert gathered == (kept if step else 0)
             e.backward(loss)
-            assert all(e._is_sharded(g) for g in e.groups)  # every unit resharded after its backward
+            assert all(g.is_sharded() for g in e.groups)  # every unit resharded after its backward
             e.step(1e-2)
             losses.append(float(loss.detach()))
         assert losses[0] == losses[1]  # same numbers as resharding after every forward
@@ -130,7 +130,7 @@ def test_units_stay_gathered_for_backward_within_reuse_distance(distance, kept):
         eng.forward_begin()
         model(*_batch(9))
         eng.forward_end_eval()
-    assert all(eng._is_sharded(g) for g in eng.groups)
+    assert all(g.is_sharded() for g in eng.groups)
 
 
 def test_reuse_distance_defaults_on_with_parameters_on_nvme(tmp_path):
@@ -166,7 +166,7 @@ def test_execution_order_change_is_recorded():
         eng.backward(model(x, y, skip=skip))
         eng.step(1e-3)
     assert eng.order_changes == 1
-    assert eng._fwd_order == [0, 2]
+    assert eng.hooks.fwd_order == [0, 2]
 
 
 def test_unrouted_expert_gets_zero_grad_and_matches_reference():

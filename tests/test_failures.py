@@ -215,3 +215,47 @@ def test_nvme_workers_are_stopped_before_the_interpreter_finalizes(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ALIVE 0 PENDING 0" in p.stdout, p.stdout + p.stderr[-3000:]
+
+
+def test_run_log_on_full_disk_warns_once_and_console_keeps_errors(capsys):
+    import io
+    import logging
+
+    from tierlift.runtime.rundir import RunLogHandler
+
+    logger = logging.getLogger("tierlift.test_full_disk")
+    logger.propagate = False
+    console = io.StringIO()
+    fh = RunLogHandler("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    logger.handlers = [fh, logging.StreamHandler(console)]
+    try:
+        for i in range(3):
+            logger.error("the rank's own error %d", i)
+    finally:
+        logger.handlers = []
+        fh.close()  # must not raise either
+    assert console.getvalue().splitlines() == [f"the rank's own error {i}" for i in range(3)]
+    err = capsys.readouterr().err
+    assert err.count("cannot write /dev/full (No space left on device)") == 1, err
+    assert "Logging error" not in err and "Traceback" not in err, err
+
+
+SAME_ERROR = """
+import os, sys
+print("tierlift: error: checkpoint dir='x': shapes differ. Fix: use the old config.", file=sys.stderr)
+print("rank", os.environ["RANK"], "done", file=sys.stderr)
+"""  # exits 0: no rank is stopped before it has printed
+
+
+def test_same_error_from_every_rank_reaches_console_once(tmp_path, capfd):
+    from tierlift.launch.local import launch_local
+
+    script = tmp_path / "rank.py"
+    script.write_text(SAME_ERROR)
+    rc = launch_local([sys.executable, str(script)], 3, log_dir=str(tmp_path / "logs"), grace_s=30)
+    err = capfd.readouterr().err
+    assert rc == 0
+    assert err.count("tierlift: error: checkpoint dir='x': shapes differ.") == 1, err
+    assert all(f"[rank {r}] rank {r} done" in err for r in range(3)), err
+    for r in range(3):  # each rank's own log keeps its copy
+        assert "shapes differ" in (tmp_path / "logs" / f"rank-{r}.log").read_text()

@@ -224,6 +224,6 @@ def test_move_to_nvme_with_params_on_nvme_serves_params_from_the_file(tmp_path):
     opt.release_source(1)
     opt.prefetch_source(1)
     opt.drop_prefetched()  # an unused read ahead gives its slot back
-    assert not opt._pslot_of and not opt._pread_of
+    assert not opt.tiers.slots.held and not opt.tiers.slots.reads
     assert torch.equal(opt.wait_chunk(0), masters[0])  # host tier: the fp32 master itself
     opt.close()

@@ -2,7 +2,8 @@
 plain single-process PyTorch AdamW reference on the same global batch, step by step.
 
 fp32: losses and final parameters within 1e-5 relative over 20 steps, with and
-without clipping and gradient accumulation.  bf16: loss within 2e-2 relative.
+without clipping and gradient accumulation (SGD's parameters within 3e-5: see
+``_check``).  bf16: loss within 2e-2 relative.
 """
 
 from __future__ import annotations
@@ -138,10 +139,15 @@ def _check(model_name, world, v, got, refs, tol):
     for s, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= tol * abs(b), f"{model_name} {v} step {s}: loss {a} vs reference {b}"
     if dtype == "fp32":
+        # SGD at lr 0.3 with momentum 0.9 amplifies fp32 summation-order noise: the reference
+        # itself, with its four micro-batches summed in reverse order, ends 7.2e-6 (relative)
+        # away from itself in the tiny Llama's v_proj (torch 2.13, transformers 5.25): 1e-5 is
+        # within 1.4x of that floor, 3e-5 about 4x.  AdamW normalises and stays within 1e-5.
+        ptol = 1e-5 if opt == "adamw" else 3e-5
         for name, ref in ref_params.items():
             assert name in params, f"{model_name} {v}: {name} missing from full_state_dict"
             err = _rel(params[name], ref)
-            assert err <= 1e-5, f"{model_name} {v}: {name} rel err {err:.2e}"
+            assert err <= ptol, f"{model_name} {v}: {name} rel err {err:.2e}"
     # The run must actually train, otherwise parity proves little.
     fall = 0.97 if opt == "adamw" else 1.0  # clipped SGD moves slowly in 20 steps
     assert losses[-1] < fall * losses[0], f"{model_name} {v}: loss did not fall: {losses[0]} -> {losses[-1]}"

@@ -104,12 +104,15 @@ _SEGMENT_END = re.compile(rb"(?<=\n)|(?<=\r)(?!\n)")
 
 
 def pump_lines(stream: IO[bytes], console: IO[str], prefix: str, log: IO[bytes] | None,
-               log_lock: threading.Lock | None = None) -> None:
+               log_lock: threading.Lock | None = None, errors_shown: set[bytes] | None = None) -> None:
     """Copy ``stream`` to ``console`` segment by segment (with ``prefix``) and raw to ``log``.
 
     Segments end at a newline or a carriage return, so a rank's progress bar
     updates in place; each is written whole under a lock so ranks do not
     interleave mid-line.  Reads bytes so invalid UTF-8 cannot kill the pump.
+    ``errors_shown`` (one set shared by every rank's pumps): a ``tierlift: error:``
+    line that another rank already put on the console is not repeated there (a
+    collective check fails on every rank with the same words); logs keep it.
     """
     pending = b""
     try:
@@ -126,6 +129,9 @@ def pump_lines(stream: IO[bytes], console: IO[str], prefix: str, log: IO[bytes] 
                 with log_lock or contextlib.nullcontext():
                     log.write(b"".join(segments))
                     log.flush()
+            if segments and errors_shown is not None:
+                with _console_lock:
+                    segments = [seg for seg in segments if not _seen_error(seg, errors_shown)]
             if segments:
                 text = "".join(prefix + seg.decode("utf-8", errors="replace") for seg in segments)
                 if not chunk and not text.endswith(("\n", "\r")):
@@ -139,6 +145,17 @@ def pump_lines(stream: IO[bytes], console: IO[str], prefix: str, log: IO[bytes] 
         pass
     finally:
         stream.close()
+
+
+def _seen_error(segment: bytes, shown: set[bytes]) -> bool:
+    """Whether ``segment`` is a tierlift error line already in ``shown`` (adds it if not)."""
+    if not segment.startswith(b"tierlift: error: "):
+        return False
+    key = segment.rstrip(b"\r\n")
+    if key in shown:
+        return True
+    shown.add(key)
+    return False
 
 
 def rank_env(dist_env: DistEnv, *, nproc: int, base: Mapping[str, str] | None = None,
@@ -256,6 +273,7 @@ def launch_local(cmd: list[str], nproc: int, *, env_extra: Mapping[str, str] | N
         logs = [RankLog(os.path.join(log_dir, f"rank-{r}.log"), sys.stderr) for r in range(nproc)]
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
+    errors_shown: set[bytes] = set()  # one rank's error line on the console, not N copies
     interrupted: list[int] = []
 
     def forward(signum, _frame):
@@ -282,7 +300,8 @@ def launch_local(cmd: list[str], nproc: int, *, env_extra: Mapping[str, str] | N
             prefix = f"[rank {r}] " if nproc > 1 else ""
             lock = threading.Lock()  # stdout and stderr of one rank share its log file
             for stream, console in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
-                t = threading.Thread(target=pump_lines, args=(stream, console, prefix, logs[r], lock),
+                t = threading.Thread(target=pump_lines,
+                                     args=(stream, console, prefix, logs[r], lock, errors_shown),
                                      name=f"tierlift-rank{r}-pump", daemon=True)
                 t.start()
                 pumps.append(t)

@@ -8,9 +8,10 @@ cluster given by address is not ours to stop):
 
 - each rank worker watches the driver's pid through a pidfd (Linux >= 5.3) on
   a daemon thread and ``os._exit``\\ s the moment the driver is gone: no step
-  and no checkpoint commit runs after it (the pidfd wakes within milliseconds;
-  a commit is one atomic rename, so it lands whole or not at all);
-- a reaper process (``python -m tierlift.launch.ray_fate``) started before Ray
+  and no checkpoint commit runs after it (the pidfd wakes within milliseconds,
+  and the checkpoint code asks it once more right before each commit's rename:
+  ``checkpoint.COMMIT_CHECKS``);
+- a reaper process (``python -m tierlift.launch.ray_reaper``) started before Ray
   holds the read end of a pipe whose write end only the driver has (pipes are
   not inherited by Ray's processes: PEP 446).  End of file -- the driver closed
   it after ``ray.shutdown()``, or the kernel closed it when the driver died --
@@ -29,18 +30,17 @@ from __future__ import annotations
 import os
 import secrets
 import select
-import signal
 import subprocess
 import sys
 import threading
-import time
-__all__ = ["JOB_ENV", "DRIVER_LOST_EXIT", "Reaper", "exit_with_driver", "kill_job"]
 
-JOB_ENV = "TIERLIFT_RAY_JOB"
+from tierlift.launch import ray_reaper
+from tierlift.launch.ray_reaper import JOB_ENV
+from tierlift.runtime.checkpoint import COMMIT_CHECKS
+
+__all__ = ["JOB_ENV", "DRIVER_LOST_EXIT", "Reaper", "exit_with_driver"]
+
 DRIVER_LOST_EXIT = 137  # as if SIGKILLed with the driver: what the user did to the job
-_PASSES = 3  # scans of /proc, _PASS_GAP_S apart: catch a process forked during the previous pass
-_PASS_GAP_S = 0.2
-_TRACK_S = 1.0  # seconds between the reaper's scans while the job runs
 
 
 class Reaper:
@@ -50,9 +50,9 @@ class Reaper:
     def __init__(self) -> None:
         self.token = secrets.token_hex(16)
         env = {k: v for k, v in os.environ.items() if k != JOB_ENV}
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__, self.token], stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                      start_new_session=True)  # a Ctrl-C meant for the job must not stop it
+        self._proc = subprocess.Popen([sys.executable, "-m", ray_reaper.__name__, self.token],
+                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=env, start_new_session=True)  # a Ctrl-C for the job must not stop it
 
     def close(self, timeout_s: float = 10.0) -> None:
         """End of file for the reaper; wait (bounded) until it has swept and exited."""
@@ -63,58 +63,6 @@ class Reaper:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-
-
-def _scan(token: str) -> tuple[dict[int, int], set[int]]:
-    """One pass over /proc: (pid -> start time, for every process) and the pids
-    whose environment carries ``JOB_ENV=token``."""
-    needle = f"{JOB_ENV}={token}".encode()
-    started: dict[int, int] = {}
-    parent: dict[int, int] = {}
-    marked: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()  # after "(comm)", which may hold spaces
-            parent[pid], started[pid] = int(fields[1]), int(fields[19])  # ppid, starttime (clock ticks)
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    marked.add(pid)
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
-            continue
-    # Descendants of marked processes belong to the job too: Ray's agents rewrite
-    # their process title over the environment block, which then reads empty.
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    job, todo = set(), list(marked)
-    while todo:
-        pid = todo.pop()
-        if pid not in job:
-            job.add(pid)
-            todo.extend(children.get(pid, ()))
-    return started, job
-
-
-def kill_job(token: str, known: dict[int, int]) -> int:
-    """SIGKILL this job's processes: those found now and those in ``known`` (pid ->
-    start time, recorded while they were still linked to the job; a pid whose
-    start time changed is another process now and is left alone).  Returns how many."""
-    started, job = _scan(token)
-    me, killed = os.getpid(), 0
-    targets = {pid: started[pid] for pid in job} | known
-    for pid, start in targets.items():
-        if pid == me or started.get(pid) != start:
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except OSError:
-            continue
-    return killed
 
 
 def exit_with_driver(driver_pid: int) -> None:
@@ -130,26 +78,9 @@ def exit_with_driver(driver_pid: int) -> None:
         select.select([fd], [], [])  # readable once the driver has exited
         os._exit(DRIVER_LOST_EXIT)
 
+    def before_commit() -> None:  # the watcher may not have run yet: look again, without waiting
+        if select.select([fd], [], [], 0)[0]:
+            os._exit(DRIVER_LOST_EXIT)
+
+    COMMIT_CHECKS.append(before_commit)
     threading.Thread(target=watch, name="tierlift-driver-watch", daemon=True).start()
-
-
-def _main(token: str) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    known: dict[int, int] = {}  # this job's processes seen so far: pid -> start time
-    stdin = sys.stdin.buffer.raw
-    while True:
-        ready, _, _ = select.select([stdin], [], [], _TRACK_S)
-        if ready and not stdin.read(1 << 12):
-            break  # end of file: the driver is done or dead
-        if not ready:  # remember who belongs to the job while the links (parent pids) still show it
-            started, job = _scan(token)
-            known.update((pid, started[pid]) for pid in job)
-    for i in range(_PASSES):
-        if i:
-            time.sleep(_PASS_GAP_S)
-        kill_job(token, known)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1]))

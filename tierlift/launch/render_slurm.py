@@ -108,7 +108,7 @@ while time.monotonic() < deadline:
         alive = sum(1 for n in ray.nodes() if n["Alive"])
         if alive >= want:
             sys.exit(0)
-    except ConnectionError:
+    except Exception:  # the head not up yet (ConnectionError, timeouts): retry until the deadline
         pass
     time.sleep(2)
 sys.exit(f"tierlift: error: only {{alive}} of {{want}} Ray nodes joined {{addr}} within {{sys.argv[3]}} s. "

@@ -59,7 +59,8 @@ class ActivationConfig:
     ``swap`` (everything to pinned host memory), ``selective``.
     gpu_budget_bytes: activation bytes allowed on the GPU; 0 = what the device has free
     after parameters, buffers and ``margin_bytes`` (on CPU runs: unlimited).
-    host_budget_bytes: pinned host bytes for swapped activations; 0 = unlimited.
+    host_budget_bytes: pinned host bytes for swapped activations; 0 = half of the host
+    memory available when the engine starts (GPU runs; CPU runs copy unpinned).
     min_swap_bytes: saved tensors smaller than this stay put (copies of a few KiB cost
     more in launch overhead than they save).
     replan_tolerance: the policy re-plans when a unit's measured saved bytes differ from
@@ -68,7 +69,7 @@ class ActivationConfig:
     policy: str = "keep"
     gpu_budget_bytes: int = 0
     host_budget_bytes: int = 0
-    margin_bytes: int = 2 << 30
+    margin_bytes: int = 4 << 30
     min_swap_bytes: int = 1 << 16
     replan_tolerance: float = 0.10
 

@@ -18,6 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
+from tierlift.offload.memory import MemoryOwner
+
 __all__ = ["EXPENSIVE_OPS", "selective_policy", "ProfileMode", "Clock", "nbytes", "tensor_bytes"]
 
 _aten = torch.ops.aten
@@ -35,13 +37,14 @@ def selective_policy(ctx, op, *args, **kwargs):
 
 
 class Clock:
-    """A span on the device's timeline: CUDA events on a GPU, perf_counter on CPU."""
+    """A span on the device's timeline: CUDA events on a GPU, perf_counter on CPU.
+    ``memory``: the engine's ``MemoryOwner`` (where timing events come from)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, memory: MemoryOwner):
+        self.cuda = memory.cuda
         self.t0 = self.t1 = 0.0
-        self.e0 = torch.cuda.Event(enable_timing=True) if self.cuda else None
-        self.e1 = torch.cuda.Event(enable_timing=True) if self.cuda else None
+        self.e0 = memory.event(timing=True)
+        self.e1 = memory.event(timing=True)
 
     def start(self) -> None:
         self.e0.record() if self.cuda else setattr(self, "t0", time.perf_counter())

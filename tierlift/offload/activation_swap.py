@@ -1,7 +1,8 @@
 """Swapped activations: the pinned host slabs and the two copy streams they travel on.
 
-``SwapStore`` owns the executor's D2H and H2D streams and the pinned slabs (sub-allocated
-per tensor, freed with the event of the copy that last read them).  A ``Swapped`` record
+``SwapStore`` uses the engine's memory owner (``memory.py``): its ``act_d2h`` / ``act_h2d``
+streams and slabs of its pinned pool (sub-allocated per tensor, freed with the event of
+the copy that last read them).  A ``Swapped`` record
 is one saved tensor whose leading ``k`` elements live on the host; it carries the event
 that guards those bytes at every moment (the D2H that wrote them, then the H2D that
 read them back).
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from tierlift.offload.activation_profile import nbytes
-from tierlift.offload.pinned import PinnedPool, SlabFullError
+from tierlift.offload.memory import MemoryOwner
+from tierlift.offload.pinned import PinnedMemoryError, SlabFullError
 
 __all__ = ["Swapped", "SwapStore"]
 
@@ -46,16 +48,19 @@ class Swapped:
 class SwapStore:
     """Pinned host memory for swapped activations, and the D2H / H2D streams (see module doc).
 
-    host_budget_bytes: one slab of that size, and ``to_host`` returns None once it is full;
-    0: slabs sized from ``planned_bytes``, a larger one added when they fill."""
+    Slabs are sized from ``planned_bytes``, a larger one added when they fill, never more
+    than ``host_budget_bytes`` in all (0: no bound of its own); ``to_host`` returns None
+    once the budget is spent.  ``memory``:
+    the engine's memory owner (its pool and streams); None: one of its own, closed with it."""
 
-    def __init__(self, device: torch.device, host_budget_bytes: int = 0, pool: PinnedPool | None = None):
+    def __init__(self, device: torch.device, host_budget_bytes: int = 0, memory: MemoryOwner | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.host_budget_bytes = host_budget_bytes
-        self.d2h = torch.cuda.Stream(device) if self.cuda else None
-        self.h2d = torch.cuda.Stream(device) if self.cuda else None
-        self._pool, self._own_pool = pool, pool is None
+        self._own = memory is None
+        self.memory = memory or MemoryOwner(device, host_budget_bytes)
+        self.d2h = self.memory.stream("act_d2h")
+        self.h2d = self.memory.stream("act_h2d")
         self._slabs: list = []
         self._overflow_warned = False
         self.planned_bytes = 0  # what the plan swaps per step: the first slab's size
@@ -73,8 +78,7 @@ class SwapStore:
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))  # src is written on the compute stream
         with torch.cuda.stream(self.d2h):
             host.copy_(src, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.d2h)
+            ev = self.memory.record(self.d2h)
         src.record_stream(self.d2h)  # its block is reused only after the copy
         return host, region, ev
 
@@ -87,17 +91,26 @@ class SwapStore:
                 return slab.alloc(nbytes)
             except SlabFullError:
                 continue
-        if self.host_budget_bytes and self._slabs:
+        # Slabs grow with what the plan swaps (pinning costs ~1 s per 25 GiB and the pages are
+        # the node's), never past the host budget in total.
+        held = sum(s.nbytes for s in self._slabs)
+        size = max(int(self.planned_bytes * 1.25), 2 * held, nbytes, 64 << 20)
+        if self.host_budget_bytes:
+            size = min(size, (self.host_budget_bytes - held) // 4096 * 4096)
+            if size < nbytes:
+                if not self._overflow_warned:
+                    self._overflow_warned = True
+                    log.warning("activation swap: train.activations.host_budget_bytes=%d is full; further "
+                                "tensors stay on the GPU (act_swap_overflow_bytes)", self.host_budget_bytes)
+                return None
+        try:
+            self._slabs.append(self.memory.pool.slab(size, name=f"activations-{len(self._slabs)}"))
+        except PinnedMemoryError as e:  # the pool is shared: offload.host_budget_bytes is spent
             if not self._overflow_warned:
                 self._overflow_warned = True
-                log.warning("activation swap: train.activations.host_budget_bytes=%d is full; further "
-                            "tensors stay on the GPU (act_swap_overflow_bytes)", self.host_budget_bytes)
+                log.warning("activation swap: no pinned memory left for a %d-byte slab (%s); further "
+                            "tensors stay on the GPU (act_swap_overflow_bytes)", size, e)
             return None
-        if self._pool is None:
-            self._pool = PinnedPool(self.host_budget_bytes, device=self.device)
-        planned = int(self.planned_bytes * 1.25)
-        size = self.host_budget_bytes or max(planned, 2 * sum(s.nbytes for s in self._slabs), nbytes, 64 << 20)
-        self._slabs.append(self._pool.slab(size, name=f"activations-{len(self._slabs)}"))
         return self._slabs[-1].alloc(nbytes)
 
     def fetch(self, h: Swapped) -> None:
@@ -109,9 +122,7 @@ class SwapStore:
             with torch.cuda.stream(self.h2d):
                 self.h2d.wait_event(h.event)  # its D2H has finished writing the host bytes
                 out[:h.k].copy_(h.host, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self.h2d)
-            h.ready_event = ev
+                h.ready_event = self.memory.record(self.h2d)
         else:
             out[:h.k].copy_(h.host)
         if h.kept is not None:
@@ -138,8 +149,7 @@ class SwapStore:
         return out.view(h.shape), stall
 
     def close(self) -> None:
-        if self._own_pool and self._pool is not None:
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-            self._pool.close()
-        self._pool, self._slabs = None, []
+        """Drop the slabs; a memory owner of its own is closed (the engine's closes with the engine)."""
+        self._slabs = []
+        if self._own:
+            self.memory.close()

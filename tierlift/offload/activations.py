@@ -42,6 +42,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
+import psutil
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
@@ -50,7 +51,7 @@ from tierlift.offload.activation_plan import (ActivationConfig, ActivationPlan, 
                                               UnitActivationProfile, fixed_plan, plan_activations)
 from tierlift.offload.activation_profile import Clock, ProfileMode, nbytes, selective_policy, tensor_bytes
 from tierlift.offload.activation_swap import Swapped, SwapStore
-from tierlift.offload.pinned import PinnedPool
+from tierlift.offload.memory import MemoryOwner
 
 __all__ = ["ActivationExecutor"]
 
@@ -70,17 +71,23 @@ class ActivationExecutor:
 
     def __init__(self, units: Sequence[Any], device: torch.device, cfg: ActivationConfig, *,
                  h2d_bytes_per_s: float = 25e9, d2h_bytes_per_s: float = 25e9, offload_pcie_bytes: int = 0,
-                 prefetch_units: int = 1, pool: PinnedPool | None = None):
+                 prefetch_units: int = 1, memory: MemoryOwner | None = None):
         paths = [u.name for u in units if u.name]
         outer = [u for u in units if u.name and not any(u.name.startswith(p + ".") for p in paths if p != u.name)]
         self.units = [_UnitState(i, u.name, u.module) for i, u in enumerate(outer)]
         self._root = next((u.module for u in units if not u.name), None)
+        if device.type == "cuda" and device.index is None:  # streams and memory queries need the index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.cfg = device, cfg
         self.cuda = device.type == "cuda"
         self.h2d_rate, self.d2h_rate = h2d_bytes_per_s, d2h_bytes_per_s
         self.offload_pcie_bytes = offload_pcie_bytes
         self.prefetch_units = max(1, prefetch_units)
-        self.swap = SwapStore(device, cfg.host_budget_bytes, pool)  # its streams, its pinned slabs
+        # Host bytes swapped activations may pin: the setting, else half of what the node has
+        # available now (pinned pages cannot be swapped out; the rest stays for the host
+        # optimizer, the data and the OS).  With it every swap plan fits the host.
+        self.host_budget = cfg.host_budget_bytes or (psutil.virtual_memory().available // 2 if self.cuda else 0)
+        self.swap = SwapStore(device, self.host_budget, memory)  # the owner's streams and pinned pool
         self.profiles: list[UnitActivationProfile] | None = None
         self.plan: ActivationPlan | None = None
         self.profiling = False
@@ -140,7 +147,7 @@ class ActivationExecutor:
             return orig(*args, **kwargs)
 
     def _timed_contexts(self):
-        clock = Clock(self.device)
+        clock = Clock(self.swap.memory)
         self._timers.append(("recompute", clock))
 
         @contextlib.contextmanager
@@ -154,7 +161,7 @@ class ActivationExecutor:
 
     def _selective_contexts(self):
         fwd, rec = create_selective_checkpoint_contexts(selective_policy)
-        clock = Clock(self.device)
+        clock = Clock(self.swap.memory)
         self._timers.append(("recompute", clock))
 
         @contextlib.contextmanager
@@ -172,11 +179,25 @@ class ActivationExecutor:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        out = checkpoint(orig, *args, use_reentrant=False,
-                         context_fn=lambda: (mode, contextlib.nullcontext()), **kwargs)
+        p = self._prof.setdefault(u.index, {"t": 0.0, "exp": 0, "cheap": 0, "inp": 0, "saved": 0})
+        if u.index == 0:
+            # The first unit runs kept, its saved tensors counted by pass-through hooks: the
+            # ratio of what autograd really saves to its ops' outputs calibrates every unit's
+            # estimate (the units of a transformer are alike; one unit's activations are small).
+            u.param_ptrs = {q.untyped_storage().data_ptr() for q in u.module.parameters()}
+
+            def count(t: torch.Tensor):
+                if not (isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in u.param_ptrs):
+                    p["saved"] += nbytes(t)
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t), mode:
+                out = orig(*args, **kwargs)
+        else:
+            out = checkpoint(orig, *args, use_reentrant=False,
+                             context_fn=lambda: (mode, contextlib.nullcontext()), **kwargs)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        p = self._prof.setdefault(u.index, {"t": 0.0, "exp": 0, "cheap": 0, "inp": 0})
         p["t"] += time.perf_counter() - t0
         p["exp"] += mode.expensive_bytes
         p["cheap"] += mode.cheap_bytes
@@ -272,27 +293,32 @@ class ActivationExecutor:
     def _gpu_room(self) -> float:
         """Bytes the device can give activations: its memory (under a per-process cap, as
         ``torch.cuda.set_per_process_memory_fraction`` sets) less the peak this step
-        allocated without them (the profiling step keeps only unit inputs, counted back)."""
+        reserved without them (the profiling step keeps only unit inputs, counted back)."""
         total = torch.cuda.get_device_properties(self.device).total_memory
         frac = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         if frac is not None:
             total *= frac(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        # Reserved, not allocated: the caching allocator's fragmentation at this peak is memory
+        # the activations cannot have either (at seq 128k on L1B it was 35 GiB of 128).
+        peak = torch.cuda.max_memory_reserved(self.device)
         kept_inputs = sum(p["inp"] for p in self._prof.values()) if self.profiling else 0
         return max(0.0, total - peak + kept_inputs)
 
     def _profile_of(self, u: _UnitState) -> UnitActivationProfile:
-        p = self._prof.get(u.index, {"t": 0.0, "exp": 0, "cheap": 0, "inp": 0})
+        p = self._prof.get(u.index, {"t": 0.0, "exp": 0, "cheap": 0, "inp": 0, "saved": 0})
         total = p["exp"] + p["cheap"]
         # cheap ops are memory-bound: their share of the time is taken as their share of bytes
         cheap_share = p["cheap"] / total if total else 0.0
-        return UnitActivationProfile(u.name, saved_bytes=total + p["inp"], input_bytes=p["inp"],
+        first = self._prof.get(0, {})
+        calib = first.get("saved", 0) / (first["exp"] + first["cheap"]) if first.get("saved") else None
+        saved = p["saved"] if p.get("saved") else (int(total * calib) if calib else total + p["inp"])
+        return UnitActivationProfile(u.name, saved_bytes=saved, input_bytes=p["inp"],
                                      selective_bytes=p["exp"] + p["inp"], forward_s=p["t"],
                                      selective_s=p["t"] * cheap_share)
 
     def _rates(self, forward_s: float) -> ActivationRates:
         gpu = self.cfg.gpu_budget_bytes or math.inf
-        host = self.cfg.host_budget_bytes or math.inf
+        host = self.host_budget or math.inf
         bwd = 2 * forward_s
         busy = 0.0
         if forward_s > 0 and self.offload_pcie_bytes:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from tierlift._configbase import check
+from tierlift.errors import ConfigError
 
-__all__ = ["NoOffload", "CPUOffload", "NVMeOffload", "AioConfig", "OffloadPolicy", "OffloadConfig"]
+__all__ = ["NoOffload", "CPUOffload", "NVMeOffload", "AioConfig", "OffloadPolicy", "OffloadConfig",
+           "params_offload_error"]
 
 
 @dataclass
@@ -113,6 +115,21 @@ class NVMeOffload:
 OffloadPolicy = Union[NoOffload, CPUOffload, NVMeOffload]
 
 
+def params_offload_error(param_kind: str, optimizer_kind: str) -> tuple[str, str, str] | None:
+    """The parameter-offload rule, stated once (pure): why parameters on ``param_kind``
+    cannot go with the optimizer state on ``optimizer_kind``, as (setting, message, fix),
+    or None when they can.  Offloaded parameters are refreshed from the host optimizer's
+    master (there is no device master to cast from), and parameters on NVMe live in the
+    optimizer's extent file.  ``OffloadConfig`` checks it; the planner skips what it refuses."""
+    if param_kind != "none" and optimizer_kind == "none":
+        return ("offload.param", "offloading parameters needs the optimizer offloaded too.",
+                "set offload.optimizer to cpu or nvme as well.")
+    if param_kind == "nvme" and optimizer_kind != "nvme":
+        return ("offload.optimizer.kind", "parameters on NVMe need the optimizer state on NVMe too (they share "
+                "its extent file).", "set offload.optimizer: {kind: nvme, path: <offload.param.path>}.")
+    return None
+
+
 @dataclass
 class OffloadConfig:
     """Where optimizer state (fp32 master, m, v) and parameters live, plus budgets
@@ -135,6 +152,16 @@ class OffloadConfig:
         for name in ("host_budget_bytes", "gpu_budget_bytes", "nvme_budget_bytes", "grad_backlog_bytes"):
             v = getattr(self, name)
             check(v >= 0, f"offload.{name}", v, "must be >= 0.", "use 0 for no explicit budget.")
+        why = params_offload_error(self.param.KIND, self.optimizer.KIND)
+        if why is not None:
+            setting, msg, fix = why
+            value = self.param.KIND if setting == "offload.param" else self.optimizer.KIND
+            raise ConfigError(msg, setting=setting, value=value, fix=fix)
+        if isinstance(self.param, NVMeOffload):
+            check(os.path.abspath(self.param.path) == os.path.abspath(self.optimizer.path), "offload.param.path",
+                  self.param.path, f"differs from offload.optimizer.path ({self.optimizer.path!r}): parameters "
+                  "and optimizer state share one extent file per rank.",
+                  f"set offload.param.path to {self.optimizer.path!r}.")
         if isinstance(self.optimizer, NVMeOffload) and isinstance(self.param, NVMeOffload):
             check(self.param.verify == self.optimizer.verify, "offload.param.verify", self.param.verify,
                   f"differs from offload.optimizer.verify ({self.optimizer.verify}); parameters on NVMe live in "

@@ -1,36 +1,70 @@
-"""Runtime state of chunks: residency state machine, gathered buffers, groups.
+"""Runtime state of chunks: the residency state machine and the gathered buffers.
 
-A chunk's gathered (compute-dtype) parameters move SHARDED -> GATHERING ->
-GATHERED -> SHARDED; every transition is asserted.  A group is a top-level wrap
-unit with the chunks it carries (its own and its nested units'), the unit of
-collectives.  The engine (zero.py) drives these objects.
+A chunk's compute-dtype parameters on the device are in exactly one ``Residency``
+state; every move between states goes through ``RuntimeChunk.transition``, which
+refuses the moves ``TRANSITIONS`` does not list.  Who moves them: ``gather.py``
+(gathers, waits, reshards) and the engine's step (a host optimizer step makes the
+device copy stale: ``mark_stepped``).  Groups of chunks are in ``group.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from typing import Any
 
 import torch
-import torch.nn as nn
 
 from tierlift.parallel.units import UnitModule
 
-__all__ = ["Residency", "RuntimeChunk", "Group", "PostBackward"]
+__all__ = ["Residency", "TRANSITIONS", "ResidencyError", "check_transition", "InFlight", "RuntimeChunk"]
 
 
 class Residency(enum.Enum):
-    """Where a chunk's gathered (compute-dtype) parameters are."""
+    """Where a chunk's current compute-dtype parameters are, as the device sees them."""
 
-    SHARDED = "sharded"      # storage freed; only shards exist
-    GATHERING = "gathering"  # all-gather in flight into the storage
-    GATHERED = "gathered"    # storage holds the full parameters
+    ON_HOST = "on_host"            # current values only on the host (a host optimizer step, or parameters
+                                   # offloaded); any device shard or gathered storage is stale or freed
+    H2D_INFLIGHT = "h2d_inflight"  # host values being copied into a device shard (H2D stream; CPU: a copy)
+    SHARDED = "sharded"            # this rank's device shard is current; gathered storage freed (stage 3)
+                                   # or stale and about to be refilled in place
+    GATHERING = "gathering"        # all-gather in flight into the gathered storage; handles in ``inflight``
+    GATHERED = "gathered"          # gathered storage holds the full parameters
 
 
-_ALLOWED = {
-    Residency.SHARDED: {Residency.GATHERING},
-    Residency.GATHERING: {Residency.GATHERED},
-    Residency.GATHERED: {Residency.SHARDED},
+# The only moves a chunk makes.  ON_HOST -> H2D_INFLIGHT -> GATHERING: the copy up and the
+# all-gather are issued back to back on one stream, so a chunk is never left resting in
+# H2D_INFLIGHT.  GATHERED -> SHARDED: reshard (or device shard refreshed in place);
+# GATHERED / SHARDED -> ON_HOST: the host optimizer stepped, or a reshard of offloaded parameters.
+TRANSITIONS: dict[Residency, frozenset[Residency]] = {
+    Residency.ON_HOST: frozenset({Residency.H2D_INFLIGHT}),
+    Residency.H2D_INFLIGHT: frozenset({Residency.GATHERING}),
+    Residency.SHARDED: frozenset({Residency.GATHERING, Residency.ON_HOST}),
+    Residency.GATHERING: frozenset({Residency.GATHERED}),
+    Residency.GATHERED: frozenset({Residency.SHARDED, Residency.ON_HOST}),
 }
+
+
+class ResidencyError(RuntimeError):
+    """A chunk was moved along a transition the state machine refuses (an engine bug)."""
+
+
+def check_transition(old: Residency, new: Residency, what: str = "chunk") -> None:
+    """Raise ResidencyError unless ``old -> new`` is in ``TRANSITIONS`` (pure)."""
+    if new not in TRANSITIONS[old]:
+        raise ResidencyError(f"{what}: {old.name} -> {new.name} is not a residency transition "
+                             f"(from {old.name}: {sorted(r.name for r in TRANSITIONS[old])}).")
+
+
+@dataclasses.dataclass
+class InFlight:
+    """The handles of one gather in flight, held by the chunk while GATHERING and dropped
+    once waited for: the buffers travel with what guards them."""
+
+    work: Any = None                    # async collective handle; None: world size 1, copied in place
+    ready: Any = None                   # CUDA event recorded on the H2D stream after its copy and gather
+    source: torch.Tensor | None = None  # a device shard made for this gather only (parameters on the host);
+                                        # reusable once the stream that waits for ``ready`` gets there
 
 
 class RuntimeChunk:
@@ -54,53 +88,37 @@ class RuntimeChunk:
             self.full = flat.to(device=device, dtype=compute_dtype)
             del flat
         if host_params:
-            self.compute_shard = None  # bf16 shard on the host; copied in for each gather
+            self.compute_shard = None  # no device shard: the host's values are copied up for each gather
         elif compute_dtype == torch.float32 and not host_optimizer:
             self.compute_shard = self.master
         else:
             self.compute_shard = self.master.to(device=device, dtype=compute_dtype)
-        self.stale = False  # host optimizer stepped: the device copy must be refreshed before use
-        self.state = Residency.GATHERED
-        self.work = None
-        self.ready = None       # CUDA event: the H2D stream's part of a gather is done
-        self.gather_tmp = None  # device shard a gather reads, kept until the gather is waited for
+        self.state = Residency.GATHERED  # the setup copy above holds the full parameters
+        self.inflight: InFlight | None = None
         self.bytes = self.full.numel() * self.full.element_size()
         for slot, p in zip(spec.params, self.params):
             p.data = self.full[slot.offset:slot.end].view(slot.shape)
 
-    def transition(self, new: Residency) -> None:
-        assert new in _ALLOWED[self.state], f"chunk {self.spec.index} ({self.spec.unit!r}): {self.state} -> {new}"
-        self.state = new
-
-
-class Group:
-    """A top-level wrap unit and the chunks it carries (its own and its nested
-    units', e.g. MoE experts).  Collectives are issued per group, in the same order
-    on every rank, whatever data-dependent path runs inside the unit."""
-
-    def __init__(self, index: int, name: str, module: nn.Module, chunks: list[RuntimeChunk]) -> None:
-        self.index = index
-        self.name = name
-        self.module = module
-        self.chunks = chunks
-        self.reduced = False
-        self.persistent = all(c.spec.persistent for c in chunks)
+    @property
+    def resting(self) -> Residency:
+        """The state a reshard leaves the chunk in: its device shard when it has one."""
+        return Residency.ON_HOST if self.compute_shard is None else Residency.SHARDED
 
     @property
-    def numel(self) -> int:
-        return sum(c.spec.padded_numel for c in self.chunks)
+    def is_sharded(self) -> bool:
+        """Not gathered nor on its way: using it needs a gather."""
+        return self.state in (Residency.SHARDED, Residency.ON_HOST)
 
+    def transition(self, new: Residency) -> None:
+        """Move to ``new``; raises ResidencyError for a move ``TRANSITIONS`` does not list,
+        or for leaving GATHERING with its gather not waited for."""
+        check_transition(self.state, new, f"chunk {self.spec.index} ({self.spec.unit!r})")
+        if self.state is Residency.GATHERING and self.inflight is not None:
+            raise ResidencyError(f"chunk {self.spec.index} ({self.spec.unit!r}): left GATHERING with its gather "
+                                 f"not waited for.")
+        self.state = new
 
-class PostBackward(torch.autograd.Function):
-    """Identity on a unit's inputs whose backward runs once the unit's whole
-    backward is done (AccumulateGrad nodes run first, so its grads are final)."""
-
-    @staticmethod
-    def forward(ctx, engine, group, *inputs):
-        ctx.engine, ctx.group = engine, group
-        return inputs if len(inputs) > 1 else inputs[0]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.engine._post_backward(ctx.group)
-        return (None, None) + grads
+    def mark_stepped(self) -> None:
+        """The host optimizer produced new values: whatever the device holds is stale."""
+        if self.state is not Residency.ON_HOST:
+            self.transition(Residency.ON_HOST)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from tierlift.errors import TierliftError
 
-__all__ = ["ShardedParameterError", "guard", "unguard", "is_guarded", "FIX"]
+__all__ = ["ShardedParameterError", "guard", "unguard", "is_guarded", "ChunkGuard", "FIX"]
 
 FIX = ("use `model = trainer.unwrap_model()` (a full copy; rank0_only=True for rank 0 alone) or "
        "`with trainer.gathered_parameters():` (in place), called on every rank.")
@@ -102,3 +102,20 @@ def unguard(params: Iterable[nn.Parameter]) -> None:
     for p in params:
         if is_guarded(p):
             p.__class__ = type(p)._tierlift_orig
+
+
+class ChunkGuard:
+    """Guards the parameters of chunks as they are resharded and unguards them as they are
+    gathered; suspended while the model is unwrapped, when the parameters hold full
+    tensors of their own (``unshard.py``)."""
+
+    def __init__(self) -> None:
+        self.suspended = False
+
+    def set(self, chunk, on: bool) -> None:
+        if self.suspended:
+            return
+        if on:
+            guard(chunk.params, (s.name for s in chunk.spec.params))
+        else:
+            unguard(chunk.params)

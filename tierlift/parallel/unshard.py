@@ -1,7 +1,7 @@
 """The full model outside training: gathered in place, or unwrapped as a plain copy.
 
-A mixin of :class:`tierlift.parallel.zero.ZeroEngine` (which owns the state used
-here); the Trainer exposes it as ``trainer.gathered_parameters()`` and
+Owned by :class:`tierlift.parallel.zero.ZeroEngine`, which hands these out as its own;
+the Trainer exposes them as ``trainer.gathered_parameters()`` and
 ``trainer.unwrap_model()``, as FSDP2 has ``unshard()`` / ``get_model_state_dict``
 and DeepSpeed ``GatheredParameters`` / ``zero_to_fp32``.
 
@@ -25,51 +25,40 @@ Both are collectives: every rank enters them (checked, ``rendezvous.py``).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from tierlift.errors import TierliftError
-from tierlift.parallel.chunks import Residency, RuntimeChunk
-from tierlift.parallel.sharded_param import guard, unguard
+from tierlift.parallel.chunks import RuntimeChunk
+from tierlift.parallel.group import Group
+from tierlift.parallel.hooks import UnitHooks
+from tierlift.parallel.rendezvous import Rendezvous
+from tierlift.parallel.sharded_param import ChunkGuard, unguard
 
-__all__ = ["UnshardMixin"]
+__all__ = ["FullModel"]
 
 
-class UnshardMixin:
-    """Hooks, the sharded-parameter guard, and the full model outside training."""
+class FullModel:
+    """``gathered_parameters`` / ``unwrap`` / ``rewrap`` of one engine's model (module doc)."""
 
-    unwrapped = False
-
-    def _record_model_dtypes(self, model: nn.Module) -> None:
-        """Before the engine binds parameters to its compute-dtype buffers: the dtypes unwrap restores."""
-        self._model_dtypes = {id(p): p.dtype for p in model.parameters()}
-
-    def _attach_hooks(self) -> None:
-        for g in self.groups:
-            self._hooks.append(g.module.register_forward_pre_hook(
-                lambda m, a, k, g=g: self._pre_forward(g, a, k), with_kwargs=True))
-            self._hooks.append(g.module.register_forward_hook(lambda m, a, o, g=g: self._post_forward(g, o)))
-
-    def _set_guard(self, c: RuntimeChunk, on: bool) -> None:
-        """Guard a resharded chunk's parameters (``sharded_param.py``); not while unwrapped,
-        when they hold their own full tensors."""
-        if self.unwrapped:
-            return
-        if on:
-            guard(c.params, (s.name for s in c.spec.params))
-        else:
-            unguard(c.params)
-
-    def _check_ranks_present(self, g) -> None:
-        """Before a gather outside the step loop: fail fast unless every rank runs it too."""
-        if self.cfg.stage == 3 and self._is_sharded(g):
-            self.rendezvous.check("forward", f"a forward of unit {g.name!r} outside fit()")
+    def __init__(self, *, model: nn.Module, groups: list[Group], chunks: list[RuntimeChunk], hooks: UnitHooks,
+                 guard: ChunkGuard, rendezvous: Rendezvous, full_state_dict: Callable[..., dict],
+                 model_dtypes: dict[int, torch.dtype], stage: int, device: torch.device, rank: int) -> None:
+        self.model, self.groups, self.chunks, self.hooks = model, groups, chunks, hooks
+        self.guard, self.rendezvous, self.full_state_dict = guard, rendezvous, full_state_dict
+        self.stage, self.device, self.rank = stage, device, rank
+        self.model_dtypes = model_dtypes  # id(param) -> the dtype it had before the engine bound it
+        self.unwrapped = False
+        # While unwrapped: the parameters' views into the chunk buffers, to bind again on rewrap
+        # (a fresh view cannot be cut from a resharded buffer: its storage has size 0).
+        self._bound_views: list[list[torch.Tensor]] = []
 
     def _require_idle(self, what: str) -> None:
-        if self.phase.value != "idle":
-            raise TierliftError(f"was called during a {self.phase.value} pass.", setting=what, value=self.phase.value,
+        phase = self.hooks.phase.value
+        if phase != "idle":
+            raise TierliftError(f"was called during a {phase} pass.", setting=what, value=phase,
                                 rank=self.rank, fix=f"call {what} between training steps, not inside one.")
 
     @contextlib.contextmanager
@@ -78,16 +67,16 @@ class UnshardMixin:
         self._require_idle("gathered_parameters()")
         self.rendezvous.check("gathered_parameters", "gathered_parameters()")
         self.rewrap()
-        if self.cfg.stage == 3:
+        if self.stage == 3:
             for g in self.groups:  # issue all, then wait: the gathers overlap
-                self._issue_gather(g)
+                g.unshard()
             for g in self.groups:
-                self._wait_gathered(g)
+                g.wait_for_unshard()
         try:
             yield self.model
         finally:
-            if self.cfg.stage == 3:  # local: no collective, so an error on one rank cannot hang the others
-                self._reshard_gathered()
+            if self.stage == 3:  # local: no collective, so an error on one rank cannot hang the others
+                self.hooks.reshard_gathered()
 
     @torch.no_grad()
     def unwrap(self, rank0_only: bool = False, device: torch.device | str | None = None) -> nn.Module:
@@ -100,31 +89,27 @@ class UnshardMixin:
             return self.model
         device = torch.device(device) if device is not None else self.device
         if not self.unwrapped:
-            for h in self._hooks:
-                h.remove()
-            self._hooks = []
+            self.hooks.detach()
             for c in self.chunks:
                 unguard(c.params)
-            # Aliases of the parameters' views into the chunk buffers, to bind again on rewrap
-            # (a fresh view cannot be cut from a resharded buffer: its storage has size 0).
             self._bound_views = [[p.data for p in c.params] for c in self.chunks]
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if name in full:
-                p.data = full[name].to(device=device, dtype=self._model_dtypes.get(id(p), p.dtype))
+                p.data = full[name].to(device=device, dtype=self.model_dtypes.get(id(p), p.dtype))
                 p.grad = None
-        self.unwrapped = True
+        self.unwrapped = self.guard.suspended = True
         return self.model
 
     def rewrap(self) -> None:
         """Bind the parameters to the engine's buffers again after ``unwrap`` (local, no collective)."""
         if not self.unwrapped:
             return
-        self.unwrapped = False
+        self.unwrapped = self.guard.suspended = False
         views, self._bound_views = self._bound_views, []
         for c, chunk_views in zip(self.chunks, views):
             for p, view in zip(c.params, chunk_views):
                 p.data = view
                 p.grad = None
-            if c.state is Residency.SHARDED:
-                self._set_guard(c, True)
-        self._attach_hooks()
+            if c.is_sharded:
+                self.guard.set(c, True)
+        self.hooks.attach()

@@ -8,43 +8,53 @@ storage after a unit's forward (``untyped_storage().resize_(0)``) and refills it
 with an all-gather before the unit runs again; because the storage object is kept,
 every view autograd saved stays valid, so arbitrary models work unchanged.
 
+The engine is a thin coordinator of parts it builds in ``__init__`` (FSDP2's
+FSDPParam / FSDPParamGroup / FSDPState, in chunks): ``RuntimeChunk``s and their
+residency state machine (``chunks.py``), the ``Gatherer`` that moves them
+(``gather.py``), ``Group``s that unshard / reshard their chunks (``group.py``),
+``UnitHooks`` that drive them from module hooks (``hooks.py``), the ``GradReducer``
+(``reduce.py``), the ``OptimizerStep`` (``step.py``), ``EngineState`` for checkpoints
+(``zero_state.py``) and ``FullModel`` for the model outside training (``unshard.py``).
+
 Sync points (GPU): reduce-scatters are issued async from the compute stream and
-waited for at most two behind; gathers and their streams are described in
-``gather.py``.  This object owns the H2D stream and the GPU chunk arena.  On CPU
-(gloo) the same code runs with gloo's background threads.
+waited for at most two behind (``reduce.py``); gathers and their streams are
+described in ``gather.py``; the step's host sync in ``step.py``.  Streams, events,
+the pinned pool and the GPU arena belong to the memory owner (``offload/memory.py``).
+On CPU (gloo) the same code runs with gloo's background threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import enum
 import logging
-import math
-import os
-from typing import Any
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tierlift.errors import ConfigError
 from tierlift.layout import ChunkLayout, plan_chunks
 from tierlift.offload.activation_plan import ActivationConfig
 from tierlift.offload.activations import ActivationExecutor
+from tierlift.offload.memory import MemoryOwner
 from tierlift.offload.optimizer import OffloadedOptimizer
 from tierlift.offload.policy import NoOffload, NVMeOffload, OffloadConfig
 from tierlift.offload.shard_optim import ShardOptimizer
-from tierlift.parallel.chunks import Group, PostBackward, Residency, RuntimeChunk
-from tierlift.parallel.comm import reduce_scatter_flat
+from tierlift.parallel.chunks import Residency, RuntimeChunk
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
-from tierlift.parallel.gather import GatherMixin, keep_for_backward
-from tierlift.parallel.optim import LossScaler, global_grad_norm
+from tierlift.parallel.gather import Gatherer, arena_stats, make_arena
+from tierlift.parallel.group import make_groups
+from tierlift.parallel.hooks import Phase, UnitHooks
+from tierlift.parallel.optim import LossScaler
 from tierlift.parallel.plan_exec import PlanMismatch, check_layout, plan_for_engine, verify
+from tierlift.parallel.reduce import GradReducer
 from tierlift.parallel.rendezvous import Rendezvous
-from tierlift.parallel.unshard import UnshardMixin
-from tierlift.parallel.zero_state import EngineStateMixin
+from tierlift.parallel.sharded_param import ChunkGuard
+from tierlift.parallel.step import OptimizerStep, StepStats
+from tierlift.parallel.unshard import FullModel
 from tierlift.parallel.units import default_wrap_classes, find_units
+from tierlift.parallel.zero_state import EngineState
 
 __all__ = ["ZeroEngine", "Residency", "StepStats"]
 
@@ -53,17 +63,7 @@ log = logging.getLogger("tierlift.zero")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Phase(enum.Enum):
-    IDLE = "idle"
-    FORWARD = "forward"
-    BACKWARD = "backward"
-
-
-class StepStats(dict):
-    """grad_norm (pre-clip), skipped (fp16 overflow), loss_scale."""
-
-
-class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
+class ZeroEngine:
     """Shards ``model`` (already built identically on every rank) over the default group."""
 
     def __init__(self, model: nn.Module, zero: ZeroConfig, precision: PrecisionConfig, optim: OptimizerConfig,
@@ -72,20 +72,8 @@ class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
         self.offload = offload or OffloadConfig()
         host_opt = not isinstance(self.offload.optimizer, NoOffload)
         host_params = not isinstance(self.offload.param, NoOffload)
-        if host_params and not host_opt:
-            raise ConfigError("offloading parameters needs the optimizer offloaded too.", setting="offload.param",
-                              value=type(self.offload.param).__name__,
-                              fix="set offload.optimizer to cpu or nvme as well.")
-        if isinstance(self.offload.param, NVMeOffload):
-            opt = self.offload.optimizer
-            if not isinstance(opt, NVMeOffload):
-                raise ConfigError("parameters on NVMe need the optimizer state on NVMe too (they share its "
-                                  "extent file).", setting="offload.optimizer.kind", value=type(opt).KIND,
-                                  fix="set offload.optimizer: {kind: nvme, path: <the same path>}.")
-            if os.path.abspath(self.offload.param.path) != os.path.abspath(opt.path):
-                raise ConfigError(f"parameters and optimizer state share one extent file per rank, under "
-                                  f"offload.optimizer.path ({opt.path!r}).", setting="offload.param.path",
-                                  value=self.offload.param.path, fix=f"set offload.param.path to {opt.path!r}.")
+        # OffloadConfig refuses parameters offloaded without the optimizer (and NVMe parameters
+        # apart from the optimizer's file): the engine relies on it.
         self.model = model
         self.cfg = zero
         self.precision = precision
@@ -107,15 +95,15 @@ class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
         self.cfg = dataclasses.replace(zero, prefetch_units=self.plan.prefetch_units)  # own copy: re-plans change it
         unit_by_name = {u.name: u for u in self.units}
         self._move_buffers(model, device)
-        self._record_model_dtypes(model)
+        model_dtypes = {id(p): p.dtype for p in model.parameters()}  # before the chunks bind them: unwrap's
         self.rendezvous = Rendezvous(self.rank, self.world_size, zero.rendezvous_timeout_s)
         self.chunks = [RuntimeChunk(c, unit_by_name[c.unit], self.rank, device, self.compute_dtype,
                                      host_optimizer=host_opt, host_params=host_params)
                        for c in self.layout]
         self.root = next((c for c in self.chunks if c.spec.unit == ""), None)
-        # Host -> device copies of parameters run here, beside compute (see the module doc).
-        self._h2d = torch.cuda.Stream(device) if device.type == "cuda" and host_opt else None
-        self.groups = self._make_groups()
+        # Streams, events, the pinned pool and the GPU arena: one owner (offload/memory.py),
+        # shared by the host optimizer and the activation swapper.
+        self.memory = MemoryOwner(device, self.offload.host_budget_bytes)
         self.host_opt = None
         if host_opt:
             deferred = optim.grad_clip > 0 or precision.compute == "fp16"
@@ -124,36 +112,38 @@ class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
                 c.master = None  # the host optimizer takes them over, and drops each once copied
             self.host_opt = OffloadedOptimizer(list(self.layout), self.rank, masters, optim,
                                                self.offload, self.compute_dtype, device, deferred=deferred,
-                                               placement=self.plan.optimizer_tiers)
+                                               placement=self.plan.optimizer_tiers, memory=self.memory)
             del masters
             self.optimizer = None
         else:
             self.optimizer = ShardOptimizer(optim, [c.master for c in self.chunks], [c.grad for c in self.chunks],
                                             [c.spec.segments(self.rank) for c in self.chunks],
                                             sub_group_size=zero.sub_group_size)
-        self._micro = 0        # micro-batch index inside the current optimizer step
-        self._last_micro = True
-        self._lr_set = None
         self.scaler = LossScaler(precision, enabled=precision.compute == "fp16")
-        self.phase = Phase.IDLE
-        self._fwd_order: list[int] = []  # group order recorded on the previous micro-batch
-        self._cur_order: list[int] = []
-        self._bwd_order: list[int] = []
-        self._keep: set[int] = set()  # groups that stay gathered from forward to backward (max_reuse_distance)
         self.reuse_distance = zero.max_reuse_distance if zero.max_reuse_distance is not None else \
             (10 ** 9 if isinstance(self.offload.param, NVMeOffload) else 0)  # elements; see ZeroConfig
-        self._pending: list[tuple[RuntimeChunk, Any, torch.Tensor, torch.Tensor]] = []
-        self.order_changes = 0
-        # Host seconds spent blocked on gathers still in flight (gloo; NCCL waits on the
-        # device and does not block the host): what deeper prefetch can fix, the policy's
-        # input.  Waits for host optimizer steps are counted apart (host_wait_s): with
-        # immediate steps the next forward overlaps the optimizer by design, and deeper
-        # prefetch would not shorten them.  Both read and reset per step by the trainer.
-        self.stall_s = 0.0
-        self.host_wait_s = 0.0
-        # Stage-3 gathers per step: issued ahead by prefetch; at use, a hit (already
-        # gathered or in flight) or a miss (gathered on demand).  Telemetry events.
-        self.prefetch_counts = {"issued": 0, "hit": 0, "miss": 0}
+        # The parts (module doc), each given what it uses; none reaches into another.
+        self.guard = ChunkGuard()
+        self.gatherer = Gatherer(rank=self.rank, world_size=self.world_size, device=device,
+                                 compute_dtype=self.compute_dtype, host_opt=self.host_opt, memory=self.memory,
+                                 guard=self.guard, debug_sync=zero.debug_sync)
+        self.groups = make_groups(self.units, self.chunks, self.gatherer)
+        self.reducer = GradReducer(stage=zero.stage, world_size=self.world_size, device=device,
+                                   reduce_dtype=self.reduce_dtype, host_opt=self.host_opt, gatherer=self.gatherer)
+        self.hooks = UnitHooks(groups=self.groups, chunks=self.chunks, cfg=self.cfg, reducer=self.reducer,
+                               rendezvous=self.rendezvous, host_opt=self.host_opt, compute_dtype=self.compute_dtype,
+                               reuse_distance=self.reuse_distance, rank=self.rank)
+        self.stepper = OptimizerStep(chunks=self.chunks, root=self.root, groups=self.groups, hooks=self.hooks,
+                                     gatherer=self.gatherer, host_opt=self.host_opt, optimizer=self.optimizer,
+                                     scaler=self.scaler, optim_cfg=optim, stage=zero.stage, rank=self.rank,
+                                     world_size=self.world_size)
+        self.state = EngineState(model=model, chunks=self.chunks, host_opt=self.host_opt, optimizer=self.optimizer,
+                                 optim_cfg=optim, scaler=self.scaler, refresh_params=self.stepper.refresh_params,
+                                 rank=self.rank, world_size=self.world_size)
+        self.full_model = FullModel(model=model, groups=self.groups, chunks=self.chunks, hooks=self.hooks,
+                                    guard=self.guard, rendezvous=self.rendezvous,
+                                    full_state_dict=self.state.full_state_dict, model_dtypes=model_dtypes,
+                                    stage=zero.stage, device=device, rank=self.rank)
         # Saved activations: kept (no executor, no cost), or swapped / recomputed per the plan.
         act = activations or ActivationConfig(policy="recompute" if activation_checkpointing else "keep")
         self.activations: ActivationExecutor | None = None
@@ -161,15 +151,15 @@ class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
             # PCIe bytes per step the offloaded optimizer already moves (fp32 master in, gradients
             # out): the activation plan's swaps share the link with them.
             pcie = self.layout.shard_numel() * 8 if host_opt else 0
-            self.activations = ActivationExecutor(self.units, device, act, offload_pcie_bytes=pcie)
+            self.activations = ActivationExecutor(self.units, device, act, offload_pcie_bytes=pcie,
+                                                  memory=self.memory)
             self.activations.install()
-        self._hooks = []
-        self._attach_hooks()
+        self.hooks.attach()
         if zero.stage == 3:
             for g in self.groups:
                 if not g.persistent:
-                    self._reshard(g)
-        self.arena = self._make_arena()
+                    g.reshard()
+        self.arena = make_arena(self.memory, self.plan, self.rank, zero.arena)
         log.info("rank %d: %d chunks in %d groups, %.1f M params, %.1f M shard elems/rank, stage %d",
                  self.rank, len(self.chunks), len(self.groups), self.layout.total_numel / 1e6,
                  self.layout.shard_numel() / 1e6, zero.stage)
@@ -187,291 +177,147 @@ class ZeroEngine(GatherMixin, EngineStateMixin, UnshardMixin):
                 if buf is not None and buf.device != device:
                     mod._buffers[name] = buf.to(device)
 
-    def _make_groups(self) -> list[Group]:
-        names = [u.name for u in self.units if u.name]
-        top = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-        modules = {u.name: u.module for u in self.units}
-        groups = []
-        for n in top:
-            chunks = [c for c in self.chunks if c.spec.unit == n or c.spec.unit.startswith(n + ".")]
-            if chunks:
-                groups.append(Group(len(groups), n, modules[n], chunks))
-        return groups
-
-    def _prefetch(self, order: list[int], pos: int) -> None:
-        if self.cfg.stage != 3:
-            return
-        if self.host_opt is not None and self.host_opt.params_on_nvme:
-            # Disk reads run two groups further ahead than the gathers that consume them.
-            for idx in order[pos + 1: pos + 3 + self.cfg.prefetch_units]:
-                for c in self.groups[idx].chunks:
-                    if c.state is Residency.SHARDED and c.compute_shard is None:
-                        self.host_opt.prefetch_source(c.spec.index)
-        bound = self.cfg.max_live_params
-        budget = self.cfg.prefetch_bytes or None  # bytes gathered ahead of use, at the compute dtype
-        itemsize = torch.finfo(self.compute_dtype).bits // 8
-        for idx in order[pos + 1: pos + 1 + self.cfg.prefetch_units]:
-            g = self.groups[idx]
-            if budget is not None:
-                budget -= g.numel * itemsize
-                if budget < 0:
-                    return
-            if self._is_sharded(g):
-                if bound and self._live_numel() + g.numel > bound:
-                    return
-                if self._host_step_pending(g):  # a prefetch must not block on the host optimizer:
-                    return                      # the unit's own pre-forward gathers it when due
-                self._issue_gather(g)
-                self.prefetch_counts["issued"] += 1
-
-    # -- hooks ---------------------------------------------------------------
-    def _pre_forward(self, g: Group, args, kwargs):
-        if self.phase is Phase.FORWARD:
-            self._cur_order.append(g.index)
-            pos = len(self._cur_order) - 1
-            self._count_use(g)
-            self._wait_gathered(g)
-            if pos < len(self._fwd_order) and self._fwd_order[pos] == g.index:
-                self._prefetch(self._fwd_order, pos)
-        else:  # recomputation in backward, or a forward outside forward_begin (which every rank must run)
-            if self.phase is Phase.IDLE:
-                self._check_ranks_present(g)
-            self._wait_gathered(g)
-        if self.phase is Phase.FORWARD and torch.is_grad_enabled():
-            flat, spec = tree_flatten((args, kwargs))
-            idx = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
-            if idx:
-                outs = PostBackward.apply(self, g, *[flat[i] for i in idx])
-                outs = outs if isinstance(outs, tuple) else (outs,)
-                for i, t in zip(idx, outs):
-                    flat[i] = t
-                return tree_unflatten(flat, spec)
-        return None
-
-    def _post_forward(self, g: Group, output):
-        if self.phase is not Phase.FORWARD:
-            return None  # recomputation inside backward keeps the unit gathered for its backward
-        if torch.is_grad_enabled():
-            tensors = [t for t in tree_flatten(output)[0] if torch.is_tensor(t) and t.requires_grad]
-            fired = [False]
-
-            def pre_backward(grad, g=g, fired=fired):
-                if not fired[0]:
-                    fired[0] = True
-                    self._pre_backward(g)
-                return grad
-
-            for t in tensors:
-                t.register_hook(pre_backward)
-        if self.cfg.stage == 3 and not g.persistent and not (torch.is_grad_enabled() and g.index in self._keep):
-            self._reshard(g)
-        return None
-
-    def _count_use(self, g: Group) -> None:
-        if self.cfg.stage == 3 and not g.persistent:
-            self.prefetch_counts["miss" if self._is_sharded(g) else "hit"] += 1
-
-    def take_prefetch_counts(self) -> dict[str, int]:
-        """Gathers issued ahead, and hits / misses at use, since the last call."""
-        out, self.prefetch_counts = self.prefetch_counts, {"issued": 0, "hit": 0, "miss": 0}
-        return out
-
-    def _pre_backward(self, g: Group) -> None:
-        self._count_use(g)
-        self._wait_gathered(g)
-        if g.index in self._bwd_order:
-            self._prefetch(self._bwd_order, self._bwd_order.index(g.index))
-
-    def _post_backward(self, g: Group) -> None:
-        if g.reduced:
-            return
-        g.reduced = True
-        if self.cfg.stage >= 2:
-            for c in g.chunks:
-                self._reduce_chunk(c)
-        if self.cfg.stage == 3 and not g.persistent:
-            self._reshard(g)
-
-    # -- gradients -----------------------------------------------------------
-    def _reduce_chunk(self, c: RuntimeChunk) -> None:
-        """Flatten the chunk's parameter grads (zeros where a parameter got none)
-        and reduce-scatter them into the fp32 shard grad, averaged over ranks."""
-        with self._alloc():
-            flat = torch.zeros(c.spec.padded_numel, dtype=self.reduce_dtype, device=self.device)
-        for slot, p in zip(c.spec.params, c.params):
-            if p.grad is not None:
-                flat[slot.offset:slot.end].copy_(p.grad.reshape(-1))
-                p.grad = None
-        if self.world_size == 1:
-            self._land(c, flat[: c.spec.shard_numel])
-            return
-        with self._alloc():
-            out = torch.empty(c.spec.shard_numel, dtype=self.reduce_dtype, device=self.device)
-        work = reduce_scatter_flat(out, flat, async_op=True)
-        self._pending.append((c, work, out, flat))
-        # At most two reductions in flight: bounded memory, still overlapped with backward.
-        while len(self._pending) > 2:
-            self._finish_one()
-
-    def _finish_one(self) -> None:
-        c, work, out, _flat = self._pending.pop(0)
-        work.wait()
-        self._land(c, out.div_(self.world_size))
-
-    def _land(self, c: RuntimeChunk, shard_grad: torch.Tensor) -> None:
-        """An averaged gradient shard is final for this micro-batch: accumulate it."""
-        if self.host_opt is not None:
-            first = self._micro == 0 or self.cfg.stage == 1  # stage 1 reduces once per step
-            self.host_opt.accept_grad(c.spec.index, shard_grad, first_micro=first, last_micro=self._last_micro)
-        else:
-            c.grad.add_(shard_grad.to(torch.float32))
-
     # -- public step API -----------------------------------------------------
     def forward_begin(self) -> None:
         """Call before each micro-batch's forward (and before an eval forward)."""
-        self.rewrap()  # after unwrap_model(): parameters back on the engine's buffers
-        self.phase = Phase.FORWARD
-        self._cur_order = []
+        self.full_model.rewrap()  # after unwrap_model(): parameters back on the engine's buffers
+        self.hooks.forward_begin()
         if self.host_opt is not None:  # reads ahead no gather used: stale once their chunk stepped
             self.host_opt.drop_prefetched()
-        for g in self.groups:
-            g.reduced = False
         if self.root is not None:
-            self._wait_gathered(self.root)
+            self.gatherer.gathered([self.root])
 
     def backward(self, loss: torch.Tensor, sync_grads: bool = True) -> None:
         """Backward of one micro-batch; ``sync_grads`` on its last micro-batch.
 
         Stage 1 accumulates full gradients locally and reduces them only when
         ``sync_grads``; stages 2–3 reduce-scatter every micro-batch as units finish."""
-        if self._cur_order != self._fwd_order:
-            if self._fwd_order:
-                self.order_changes += 1
-                log.info("rank %d: unit execution order changed (%d -> %d units); re-recorded for prefetch",
-                         self.rank, len(self._fwd_order), len(self._cur_order))
-            self._fwd_order = list(self._cur_order)
-            if self.reuse_distance:
-                keep = keep_for_backward([self.groups[i].numel for i in self._fwd_order], self.reuse_distance)
-                self._keep = {i for i, k in zip(self._fwd_order, keep) if k}
-        self._bwd_order = list(reversed(self._cur_order))
+        self.hooks.backward_begin()
         if self.host_opt is not None:  # waiting gradients step in the next forward's order
-            self.host_opt.set_step_order(self._step_order())
-        if self.cfg.stage == 3:  # prefetched for a path not taken: release
-            self._reshard_gathered(keep=set(self._cur_order))
-            if self.host_opt is not None:
+            self.host_opt.set_step_order(self.stepper.step_order())
+            if self.cfg.stage == 3:  # disk reads for the prefetches backward_begin released
                 self.host_opt.drop_prefetched()
-        self.phase = Phase.BACKWARD
-        self._last_micro = sync_grads
+        self.reducer.begin_micro(sync_grads)
         try:
             (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
-            # Groups whose post-backward did not fire (inputs without grad, unused units),
-            # in a fixed order so collectives match across ranks.
-            for g in reversed(self.groups):
-                self._post_backward(g)
+            self.hooks.backward_end()
             if self.root is not None and self.cfg.stage >= 2:
-                self._reduce_chunk(self.root)
+                self.reducer.reduce_chunk(self.root)
             if sync_grads and self.cfg.stage == 1:
                 for c in self.chunks:
-                    self._reduce_chunk(c)
-            while self._pending:
-                self._finish_one()
+                    self.reducer.reduce_chunk(c)
+            self.reducer.drain()
         finally:
-            self.phase = Phase.IDLE
-            self._micro = 0 if sync_grads else self._micro + 1
+            self.hooks.idle()
+            self.reducer.end_micro(sync_grads)
 
     def begin_step(self, lr: float) -> None:
         """The learning rate of the optimizer step about to be computed.  With the
         optimizer on the host and no clipping, chunks step as their gradients land
         during backward, so they need it before ``step``."""
-        self._lr_set = lr
-        if self.host_opt is not None:
-            self.host_opt.begin_step(lr)
+        self.stepper.begin_step(lr)
 
     def forward_end_eval(self) -> None:
         """After a forward no backward follows (evaluation)."""
-        self.phase = Phase.IDLE
-        if self.cfg.stage == 3:  # units kept for a backward (max_reuse_distance) that will not come
-            self._reshard_gathered()
+        self.hooks.forward_end_eval()
 
-    @torch.no_grad()
     def step(self, lr: float) -> StepStats:
         """Unscale (fp16), clip to the exact global norm, step the shards, refresh params."""
-        if self.host_opt is not None:
-            return self._step_host(lr)
-        grads = [c.grad for c in self.chunks]
-        if self.scaler.enabled:
-            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-        norm = global_grad_norm(grads)
-        norm_f = float(norm)  # host sync: the step is skipped on overflow, decided on every rank alike
-        overflow = self.scaler.enabled and not math.isfinite(norm_f)
-        stats = StepStats(grad_norm=norm_f, skipped=overflow, loss_scale=self.scaler.scale)
-        self.scaler.update(overflow)
-        if not overflow:
-            clip = self.optim_cfg.grad_clip
-            if clip > 0:
-                torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
-            self.optimizer.step(lr)
-            self.refresh_params()
-        torch._foreach_zero_(grads)
-        return stats
+        return self.stepper.step(lr)
 
-    def _step_host(self, lr: float) -> StepStats:
-        """Offloaded optimizer: one all-reduce of the squared norm (CPU tensor: gloo),
-        then the deferred steps are queued in the next forward's order; immediate
-        steps already ran while backward was going on."""
-        opt = self.host_opt
-        if not opt.deferred and self._lr_set != lr:
-            raise RuntimeError(f"[rank {self.rank}] with the optimizer offloaded and no clipping, call "
-                               f"begin_step({lr}) before the step's backward (got {self._lr_set}).")
-        self._lr_set = None
-        sq = torch.tensor([sum(opt.flush_grads())], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(sq)
-        scale = self.scaler.scale if self.scaler.enabled else 1.0
-        norm_f = math.sqrt(float(sq)) / scale
-        overflow = self.scaler.enabled and not math.isfinite(norm_f)
-        stats = StepStats(grad_norm=norm_f, skipped=overflow, loss_scale=self.scaler.scale)
-        self.scaler.update(overflow)
-        if overflow:
-            opt.skip_step()
-            return stats
-        if opt.deferred:
-            clip = self.optim_cfg.grad_clip
-            coef = min(1.0, clip / (norm_f + 1e-6)) if clip > 0 else 1.0
-            opt.step_deferred(lr, coef / scale, self._step_order())
-        opt.finish_step()
-        for c in self.chunks:
-            c.stale = True
-        self.refresh_params()
-        return stats
-
-    def _step_order(self) -> list[int]:
-        """Chunks in the order the next forward needs them: root, then units."""
-        order = [self.root.spec.index] if self.root is not None else []
-        seen = set(order)
-        for gi in self._fwd_order or range(len(self.groups)):
-            for c in self.groups[gi].chunks:
-                if c.spec.index not in seen:
-                    order.append(c.spec.index)
-                    seen.add(c.spec.index)
-        order += [c.spec.index for c in self.chunks if c.spec.index not in seen]
-        return order
-
-    @torch.no_grad()
     def refresh_params(self) -> None:
-        """Recompute compute-dtype shards from the masters; re-gather what stays gathered
-        (stages 1–2, the root, persistent chunks).  Stage-3 units gather lazily."""
-        keep = [c for c in self.chunks
-                if self.cfg.stage < 3 or c.spec.persistent or c is self.root]
-        if self.cfg.stage == 3:  # a unit kept for a backward that never came (max_reuse_distance) is stale now
-            self._reshard_gathered()
-        if self.host_opt is None:
-            for c in self.chunks:
-                if c.compute_shard is not c.master:
-                    c.compute_shard.copy_(c.master)
-        for c in keep:
-            if c.state is Residency.GATHERED:
-                c.transition(Residency.SHARDED)  # contents stale; storage is reused in place
-            self._issue_gather(c)
-        for c in keep:
-            self._wait_gathered(c)
+        """Bring the compute-dtype parameters up to date with the masters (``step.py``)."""
+        self.stepper.refresh_params()
+
+    # -- the host optimizer as the trainer sees it (no caller reaches into host_opt) ----
+    @property
+    def steps_in_background(self) -> bool:
+        """Optimizer steps may still run after ``step`` returned (the optimizer is on the host)."""
+        return self.host_opt is not None
+
+    def drain(self) -> None:
+        """Block until every queued host optimizer step is done (sync point; no-op without one)."""
+        if self.host_opt is not None:
+            self.host_opt.wait_all()
+
+    def offload_timings(self) -> dict[str, float] | None:
+        """Cumulative seconds the host optimizer spent per phase (``OffloadedOptimizer.timings``);
+        None without one."""
+        return self.host_opt.timings() if self.host_opt is not None else None
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Page-locked host bytes of the memory owner's pool (optimizer state, slots, swapped
+        activations) now; 0 on CPU."""
+        return self.memory.pinned_bytes
+
+    # -- parts handed out as the engine's own (docs/CONTRACTS.md) -----------------
+    @property
+    def phase(self) -> Phase:
+        return self.hooks.phase
+
+    @property
+    def order_changes(self) -> int:
+        return self.hooks.order_changes
+
+    def take_prefetch_counts(self) -> dict[str, int]:
+        """Gathers issued ahead, and hits / misses at use, since the last call."""
+        return self.hooks.take_prefetch_counts()
+
+    def take_stall_ms(self) -> float:
+        """Milliseconds the host waited for gathers in flight since the last call."""
+        return self.gatherer.take_stall_ms()
+
+    def take_host_wait_ms(self) -> float:
+        """Milliseconds the host waited for host optimizer steps since the last call."""
+        return self.gatherer.take_host_wait_ms()
+
+    def arena_stats(self) -> dict[str, int]:
+        """Per-step memory facts for metrics: arena bytes and device fragmentation (GPU only)."""
+        return arena_stats(self.arena, self.device)
+
+    def full_state_dict(self, to_rank0: bool = True) -> dict[str, torch.Tensor]:
+        return self.state.full_state_dict(to_rank0)
+
+    def aliases(self) -> dict[str, str]:
+        return self.state.aliases()
+
+    def state_segments(self) -> list:
+        return self.state.state_segments()
+
+    def finish_state_segments(self, loaded: bool) -> None:
+        self.state.finish_state_segments(loaded)
+
+    @property
+    def step_count(self) -> int:
+        return self.state.step_count
+
+    def extra_state(self) -> dict:
+        return self.state.extra_state()
+
+    def load_extra_state(self, d: dict) -> None:
+        self.state.load_extra_state(d)
+
+    @property
+    def unwrapped(self) -> bool:
+        return self.full_model.unwrapped
+
+    @contextlib.contextmanager
+    def gathered_parameters(self) -> Iterator[nn.Module]:
+        """Every unit gathered in place for the body (all ranks enter); resharded on exit."""
+        with self.full_model.gathered_parameters() as model:
+            yield model
+
+    def unwrap(self, rank0_only: bool = False, device: torch.device | str | None = None) -> nn.Module:
+        return self.full_model.unwrap(rank0_only, device)
+
+    def rewrap(self) -> None:
+        self.full_model.rewrap()
+
+    def close(self) -> None:
+        """Take the hooks off, stop the host optimizer's worker, close NVMe files and release
+        pinned memory (the memory owner's pool)."""
+        self.hooks.detach()
+        if self.host_opt is not None:
+            self.host_opt.close()
+        self.memory.close()

@@ -1,36 +1,36 @@
-"""State access of the ZeRO engine: consolidated weights, checkpoint segments,
-counters, debug checks.  A mixin of :class:`tierlift.parallel.zero.ZeroEngine`,
-kept apart so the step machinery and the state contract (docs/CONTRACTS.md) each
-read as one concept."""
+"""State access of the ZeRO engine: consolidated weights, checkpoint segments, counters.
+Owned by :class:`tierlift.parallel.zero.ZeroEngine`, which hands its methods out as its
+own (the state contract, docs/CONTRACTS.md)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
+import torch.nn as nn
 
 from tierlift.offload.optimizer_state import Tier
 from tierlift.parallel.chunks import RuntimeChunk
 from tierlift.parallel.comm import all_gather_flat
+from tierlift.parallel.optim import LossScaler
 from tierlift.state import StateSegment
 
-__all__ = ["EngineStateMixin"]
+__all__ = ["EngineState"]
 
 
-class EngineStateMixin:
-    # -- state ---------------------------------------------------------------
-    def _check_gathered(self, c: RuntimeChunk) -> None:
-        """debug_sync: this rank's slice of the gathered buffer is its own shard, and
-        the gathered buffer is bit-identical across ranks (compared by checksum)."""
-        lo, hi = c.spec.shard_range(self.rank)
-        if c.compute_shard is not None and not torch.equal(c.full[lo:hi], c.compute_shard):
-            raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
-                               f"does not hold this rank's shard at [{lo}, {hi}).")
-        s = c.full.double().sum().reshape(1)
-        sums = [torch.zeros_like(s) for _ in range(self.world_size)]
-        dist.all_gather(sums, s) if self.world_size > 1 else sums.__setitem__(0, s)
-        if any(float(x) != float(s) for x in sums):
-            raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
-                               f"differs across ranks: {[float(x) for x in sums]}")
+class EngineState:
+    """What checkpoints and consolidation read and write of an engine's chunks: the fp32
+    masters and optimizer state, on the device (``optimizer``) or the host optimizer."""
+
+    def __init__(self, *, model: nn.Module, chunks: list[RuntimeChunk], host_opt, optimizer, optim_cfg,
+                 scaler: LossScaler, refresh_params: Callable[[], None], rank: int, world_size: int) -> None:
+        self.model, self.chunks, self.host_opt, self.optimizer = model, chunks, host_opt, optimizer
+        self.optim_cfg, self.scaler, self.refresh_params = optim_cfg, scaler, refresh_params
+        self.rank, self.world_size = rank, world_size
+        # Between state_segments() and the matching finish / load: chunks whose state was
+        # handed out as views (with the views) and chunks streamed from NVMe.
+        self._loaded: list[tuple[RuntimeChunk, torch.Tensor, dict[str, torch.Tensor]]] = []
+        self._streamed: list[RuntimeChunk] = []
 
     @torch.no_grad()
     def full_state_dict(self, to_rank0: bool = True) -> dict[str, torch.Tensor]:
@@ -63,14 +63,6 @@ class EngineStateMixin:
         return out
 
     # -- checkpoint contract (docs/CONTRACTS.md) -------------------------------
-    def close(self) -> None:
-        """Stop the host optimizer's worker, close NVMe files and release pinned memory."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        if self.host_opt is not None:
-            self.host_opt.close()
-
     def _master_of(self, c: RuntimeChunk) -> torch.Tensor:
         return c.master if self.host_opt is None else self.host_opt.chunk_state(c.spec.index)[0]
 
@@ -108,7 +100,7 @@ class EngineStateMixin:
         """After a checkpoint used ``state_segments``: write back streamed state (and, when
         ``loaded``, rebuild the compute-dtype copies of NVMe-tier chunks)."""
         if self.host_opt is not None:
-            self.host_opt.finish_streamed([c.spec.index for c in getattr(self, "_streamed", [])] if loaded else [])
+            self.host_opt.finish_streamed([c.spec.index for c in self._streamed] if loaded else [])
         self._streamed = []
 
     @property
@@ -124,15 +116,12 @@ class EngineStateMixin:
         offloaded state back to its tier and rebuild compute-dtype parameters."""
         if self.host_opt is not None:
             self.host_opt.step_count = int(d["optimizer_step"])
-            for c, master, states in getattr(self, "_loaded", []):
+            for c, master, states in self._loaded:
                 self.host_opt.commit_chunk_state(c.spec.index, master, states)
-                c.stale = True
-            for c in getattr(self, "_streamed", []):
-                c.stale = True
             self.finish_state_segments(loaded=True)
         else:
             self.optimizer.step_count = int(d["optimizer_step"])
             self.optimizer.sync_step_tensors()
         self._loaded = []
         self.scaler.load_state_dict(d["loss_scaler"])
-        self.refresh_params()
+        self.refresh_params()  # with the optimizer on the host: every chunk ON_HOST, regathered from the new values

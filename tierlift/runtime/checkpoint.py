@@ -204,6 +204,11 @@ def _replaceable(d: Path) -> bool:
     return all(n == MANIFEST or re.fullmatch(r"rank-\d+\.safetensors", n) for n in names)
 
 
+# Called right before a checkpoint is published (the rename).  A launcher adds one
+# that ends the process once the job it belongs to is gone (tierlift/launch/ray_fate.py).
+COMMIT_CHECKS: list[Callable[[], None]] = []
+
+
 def _commit(tmp: Path, final: Path, token: str, manifest: dict) -> list[str]:
     """Rank 0: manifest into the temp dir, then swap it into place.  Returns warnings
     about cleanup that failed after the new checkpoint was already in place."""
@@ -215,6 +220,8 @@ def _commit(tmp: Path, final: Path, token: str, manifest: dict) -> list[str]:
     finally:
         os.close(fd)
     cio.fsync_dir(tmp)  # rank files and manifest durable before the rename publishes them
+    for check in COMMIT_CHECKS:
+        check()  # may end the process: then nothing is published
     if not final.exists():
         os.rename(tmp, final)
         cio.fsync_dir(final.parent)

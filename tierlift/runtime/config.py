@@ -96,15 +96,8 @@ class TrainConfig:
             check(self.zero.stage == 3, "zero.stage", self.zero.stage,
                   f"offloading parameters (offload.param kind {type(self.offload.param).KIND!r}) "
                   "needs ZeRO stage 3.", "set zero.stage: 3, or offload.param: {kind: none}.")
-        if isinstance(self.offload.param, NVMeOffload):
-            # Parameters on NVMe share the optimizer's extent file (one per rank).
-            opt = self.offload.optimizer
-            check(isinstance(opt, NVMeOffload), "offload.optimizer.kind", type(opt).KIND,
-                  "parameters on NVMe need the optimizer state on NVMe too (they share its extent file).",
-                  "set offload.optimizer: {kind: nvme, path: <offload.param.path>}.")
-            check(os.path.abspath(self.offload.param.path) == os.path.abspath(opt.path), "offload.param.path",
-                  self.offload.param.path, f"differs from offload.optimizer.path ({opt.path!r}): parameters and "
-                  "optimizer state share one extent file per rank.", f"set offload.param.path to {opt.path!r}.")
+        # Which optimizer tier offloaded parameters need is OffloadConfig's rule
+        # (offload/policy.py, params_offload_error); this one spans sections.
         if self.model.kind == "hf":
             limit = self.model.hf_config.get("max_position_embeddings")
             if isinstance(limit, int) and not isinstance(limit, bool):

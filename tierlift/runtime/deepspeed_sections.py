@@ -47,7 +47,8 @@ def collect_errors(cls: type, body: Mapping[str, Any], path: str) -> list[Config
             rel = (exc.setting or "")[len(path) + 1:] if path else (exc.setting or "")
             key = rel.split(".", 1)[0].split("[", 1)[0]
             nested = _nested(cls, key, body.get(key)) if key in body and "." in rel else None
-            errors.extend(collect_errors(nested[0], nested[1], f"{path}.{key}") if nested else [exc])
+            # A nested config valid on its own: the error is a rule of the enclosing one (report it).
+            errors.extend((collect_errors(nested[0], nested[1], f"{path}.{key}") if nested else []) or [exc])
             if key not in body:
                 return errors
             del body[key]

@@ -58,7 +58,7 @@ from typing import Sequence
 
 from tierlift.errors import ConfigError
 from tierlift.offload.execplan import optimizer_tiers_for
-from tierlift.offload.policy import CPUOffload, NoOffload, NVMeOffload, OffloadConfig
+from tierlift.offload.policy import CPUOffload, NoOffload, NVMeOffload, OffloadConfig, params_offload_error
 from tierlift.runtime.plan_types import (CPU_PASS_FACTOR, GPU_SLACK, HOST_BASE_BYTES, MAX_PREFETCH,  # noqa: F401
                                          PARAM_SLOTS, PIECE_NUMEL, _STATE_BYTES, Budgets, ChunkPlacement, GiB,
                                          ModelShape, NodeRates, StepEstimate, TrainingShape, _count, _gib, _SETTING)
@@ -321,18 +321,18 @@ def plan(shape: ModelShape, budgets: Budgets, rates: NodeRates, training: Traini
         if value not in ok:
             raise ConfigError("is not a choice the planner knows.", setting=setting, value=value,
                               fix=f"use one of {list(ok)}.")
-    if param_kind == "cpu" and (training.zero_stage != 3 or optimizer_kind == "none"):
-        raise ConfigError("parameters on the host need ZeRO stage 3 and the optimizer offloaded.",
-                          setting="offload.param.kind", value="cpu", fix="set zero.stage: 3 and offload.optimizer.")
-    if param_kind == "nvme" and (training.zero_stage != 3 or optimizer_kind not in ("auto", "nvme")):
-        raise ConfigError("parameters on NVMe need ZeRO stage 3 and the optimizer state on NVMe.",
-                          setting="offload.param.kind", value="nvme",
-                          fix="set zero.stage: 3 and offload.optimizer: {kind: nvme, path: DIR}.")
+    if param_kind in ("cpu", "nvme") and training.zero_stage != 3:
+        raise ConfigError("offloading parameters needs ZeRO stage 3.", setting="offload.param.kind",
+                          value=param_kind, fix="set zero.stage: 3, or offload.param: {kind: none}.")
+    why = params_offload_error(param_kind, optimizer_kind) if "auto" not in (param_kind, optimizer_kind) else None
+    if why is not None:
+        raise ConfigError(why[1], setting=why[0], value=param_kind if why[0] == "offload.param" else optimizer_kind,
+                          fix=why[2])
     n, rpn = shape.shard_numel, ranks_per_node or shape.world_size
     options = []  # (preference, opt, param, tiers): the order GPU > host > NVMe, more host elements first
     for opt in ("none", "cpu", "nvme") if optimizer_kind == "auto" else (optimizer_kind,):
         for param in ("none", "cpu") if param_kind == "auto" else (param_kind,):
-            if (param != "none" and (opt == "none" or training.zero_stage != 3)) or (param == "nvme" != opt):
+            if params_offload_error(param, opt) or (param != "none" and training.zero_stage != 3):
                 continue
             for tiers in _candidate_tiers(shape, training, budgets, opt, param, nvme_buffer_count,
                                           all_host=optimizer_kind != "auto"):

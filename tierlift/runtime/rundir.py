@@ -29,6 +29,35 @@ __all__ = ["MetricsWriter", "MemoryMeter", "Progress", "setup_logging", "write_j
 log = logging.getLogger("tierlift")
 
 
+class RunLogHandler(logging.FileHandler):
+    """``train.log``.  A record it cannot write (a full disk) costs one warning on
+    stderr and turns the file off, instead of logging's traceback per record; the
+    console handler still gets every warning and error."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        exc = sys.exc_info()[1]
+        why = getattr(exc, "strerror", None) or exc
+        sys.stderr.write(f"tierlift: warning: cannot write {self.baseFilename} ({why}); "
+                         "the log continues on the console only.\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # bytes still buffered for the full disk: already warned about, or moot now
+            pass
+
+
 def setup_logging(run_dir: str | None, rank: int) -> None:
     """rank 0 logs INFO to the console and to run_dir/train.log; other ranks warn only."""
     root = logging.getLogger("tierlift")
@@ -42,7 +71,7 @@ def setup_logging(run_dir: str | None, rank: int) -> None:
         if os.environ.get(RANK_PREFIX_ENV) == "1" else fmt
     if run_dir and rank == 0:
         os.makedirs(run_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+        fh = RunLogHandler(os.path.join(run_dir, "train.log"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
     sh = logging.StreamHandler(sys.stderr)

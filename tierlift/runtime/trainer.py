@@ -184,7 +184,7 @@ class Trainer:
                 self._sync()
                 t0 = time.perf_counter()
                 m = self.train_step()
-                draining = self.step >= total and self.engine.host_opt is not None
+                draining = self.step >= total and self.engine.steps_in_background
                 # Memory facts (allocator counters, GPU) once a step's work is queued: on the last
                 # step before the host optimizer's drain, which frees the gradient backlog at once;
                 # on the others after the timing, which a pool snapshot would add to.
@@ -192,11 +192,10 @@ class Trainer:
                 if draining:
                     # Host steps run on behind the next forward; the last step has no next
                     # forward, so its timing includes them (none escape the measurement).
-                    self.engine.host_opt.wait_all()
+                    self.engine.drain()
                 self._sync()
                 dt = time.perf_counter() - t0
-                if self.engine.host_opt is not None:
-                    self.memory.pinned_bytes = self.engine.host_opt.pinned_bytes
+                self.memory.pinned_bytes = self.engine.pinned_bytes
                 if arena is None:
                     arena = self.engine.arena_stats()
                 mem = {**self.memory.sample(), **arena}
@@ -211,9 +210,9 @@ class Trainer:
                 summary.grad_norms.append(m["grad_norm"])
                 summary.tokens_per_step = int(m["tokens"])
                 row = {"step": self.step, **m, "step_time_s": dt, "tokens_per_s": tps, **mem}
-                if self.engine.host_opt is not None:  # cumulative seconds the CPU optimizer spent per phase
-                    row.update({f"hostopt_{k}" + ("" if k.endswith("_gib") else "_s"): v
-                                for k, v in self.engine.host_opt.timings().items()})
+                busy = self.engine.offload_timings()  # cumulative seconds the CPU optimizer spent per phase
+                if busy is not None:
+                    row.update({f"hostopt_{k}" + ("" if k.endswith("_gib") else "_s"): v for k, v in busy.items()})
                 if t.eval_every and self.step % t.eval_every == 0 and self.eval_data is not None:
                     row["eval_loss"] = self.evaluate()
                     summary.eval_losses.append((self.step, row["eval_loss"]))
@@ -255,8 +254,8 @@ class Trainer:
             summary.tokens_per_s = summary.tokens_per_step * len(timed) / sum(timed)
         for k, v in self.memory.peaks().items():
             setattr(summary, k, v)
-        if self.engine.host_opt is not None:
-            summary.offload_busy_s = self.engine.host_opt.timings()
+        if self.engine.steps_in_background:
+            summary.offload_busy_s = self.engine.offload_timings()
         if self.run_dir and self.rank == 0:
             write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary.to_dict())
         return summary
@@ -272,10 +271,9 @@ class Trainer:
     def _telemetry(self) -> TelemetrySampler:
         """One sampler per rank writing RUN_DIR/telemetry/ (disabled without a run dir),
         configured by the ``telemetry:`` section."""
-        opt = self.engine.host_opt
-        pinned = (lambda: opt.pinned_bytes) if opt is not None else None
+        engine = self.engine
         return TelemetrySampler(self.run_dir, self.rank, int(os.environ.get("LOCAL_RANK", 0)), self.device,
-                                self.cfg.telemetry, pinned_bytes=pinned)
+                                self.cfg.telemetry, pinned_bytes=lambda: engine.pinned_bytes)
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> float:

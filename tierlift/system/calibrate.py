@@ -36,7 +36,8 @@ import torch
 
 from tierlift.offload.extents import plan_extents
 from tierlift.offload.nvme import NVMeError, NVMeFile, aligned_empty
-from tierlift.offload.pinned import PinnedMemoryError, PinnedPool
+from tierlift.offload.memory import MemoryOwner
+from tierlift.offload.pinned import PinnedMemoryError
 from tierlift.offload.policy import AioConfig
 from tierlift.system.probe import NodeProfile, probe_node
 
@@ -127,13 +128,13 @@ def _adamw_rate(n: int, device: torch.device, target_s: float, sync: Callable[[]
 
 
 # -- PCIe copies ------------------------------------------------------------------------------------
-def _copies(pool: Any, nbytes: int, dev: torch.device, target_s: float) -> tuple[float, float, float]:
-    h1, h2 = pool.slab(nbytes).tensor, pool.slab(nbytes).tensor
+def _copies(memory: MemoryOwner, nbytes: int, dev: torch.device, target_s: float) -> tuple[float, float, float]:
+    h1, h2 = memory.pool.slab(nbytes).tensor, memory.pool.slab(nbytes).tensor
     d1, d2 = torch.empty(nbytes, dtype=torch.uint8, device=dev), torch.empty(nbytes, dtype=torch.uint8, device=dev)
     sync = torch.cuda.synchronize  # every call waits for all streams: no cross-stream hazards between calls
     h2d = nbytes / _per_call(lambda: d1.copy_(h1, non_blocking=True), target_s, sync) / 1e9
     d2h = nbytes / _per_call(lambda: h2.copy_(d2, non_blocking=True), target_s, sync) / 1e9
-    s1, s2 = torch.cuda.Stream(dev), torch.cuda.Stream(dev)
+    s1, s2 = memory.stream("h2d"), memory.stream("d2h")  # the roles' streams, as a run has them
 
     def both() -> None:  # one copy per direction on its own stream, as the engine overlaps them
         with torch.cuda.stream(s1):
@@ -149,15 +150,16 @@ def _copy_rates(nbytes: int, target_s: float) -> tuple[float, float, float]:
     (what the engine copies from; torch's pinned allocator would round and keep them)."""
     dev = torch.device("cuda", torch.cuda.current_device())
     try:
-        pool = PinnedPool(2 * nbytes, device=dev)
+        memory = MemoryOwner(dev, 2 * nbytes)
+        memory.pool  # created here: the memlock check runs now
     except PinnedMemoryError as e:  # memlock too low for 2 buffers: still measure, smaller
         warnings.warn(f"calibration: cannot pin {2 * nbytes} bytes ({e}); measuring with 1/16 of that")
         nbytes //= 16
-        pool = PinnedPool(2 * nbytes, device=dev)
-    with pool:
-        rates = _copies(pool, nbytes, dev, target_s)
-        torch.cuda.synchronize(dev)  # no DMA may touch the slabs when the pool unpins them
-    return rates
+        memory = MemoryOwner(dev, 2 * nbytes)
+    try:
+        return _copies(memory, nbytes, dev, target_s)
+    finally:
+        memory.close()  # synchronizes first: no DMA may touch the slabs when the pool unpins them
 
 
 # -- disk -------------------------------------------------------------------------------------------
