@@ -11,8 +11,9 @@ STEPS     ?= 300
 STAMP     := $(VENV)/.tierlift-installed
 
 # Debian packages the tests need besides Python ones: headless Chromium (tests/test_report.py
-# opens the `tierlift report` page in it) and the font its PNGs are drawn with.
-TEST_DEBS := chromium fonts-dejavu-core
+# opens the `tierlift report` page in it), the font its PNGs are drawn with, and Slurm with
+# munge (tests/test_slurm_cluster.py starts a two-node cluster of real daemons on this machine).
+TEST_DEBS := chromium fonts-dejavu-core slurm-wlm munge
 
 .PHONY: setup run test test-deps test-gpu clean
 

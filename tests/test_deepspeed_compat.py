@@ -214,8 +214,13 @@ def test_batch_size_rules():
 
 
 def test_zero_stage_and_offload_rules(tmp_path):
-    probs = _problems(_ds(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}}))
+    probs = _problems(_ds(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"},
+                                             "offload_optimizer": {"device": "cpu"}}))
     assert probs["zero_optimization.stage"].value == 2 and "stage 3" in probs["zero_optimization.stage"].message
+    # DeepSpeed offloads parameters alone; tierlift refreshes them from the host optimizer
+    probs = _problems(_ds(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}))
+    assert probs["zero_optimization.offload_param"].value == "cpu"
+    assert "optimizer offloaded too" in probs["zero_optimization.offload_param"].message
     c = from_deepspeed(_ds(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}))
     assert c.zero.stage == 2 and isinstance(c.offload.optimizer, CPUOffload) and isinstance(c.offload.param, NoOffload)
     assert from_deepspeed(_ds(zero_optimization={"stage": 0})).zero.stage == 1

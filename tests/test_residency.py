@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tierlift.offload.policy import CPUOffload, OffloadConfig
+from tierlift.offload.policy import CPUOffload, NoOffload, OffloadConfig
 from tierlift.parallel.chunks import TRANSITIONS, Residency, ResidencyError, check_transition
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.parallel.sharded_param import is_guarded
@@ -67,10 +67,10 @@ class Net(nn.Module):
         return nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
 
 
-def _engine(stage=3, offload=None):
+def _engine(stage=3, offload=None, device="cpu", compute="fp32"):
     torch.manual_seed(0)
-    return ZeroEngine(Net(), ZeroConfig(stage=stage), PrecisionConfig(), OptimizerConfig(lr=1e-2),
-                      torch.device("cpu"), offload=offload)
+    return ZeroEngine(Net(), ZeroConfig(stage=stage), PrecisionConfig(compute=compute), OptimizerConfig(lr=1e-2),
+                      torch.device(device), offload=offload)
 
 
 def test_a_gather_keeps_its_handles_until_waited_for():
@@ -106,13 +106,25 @@ def _planned(eng, c) -> Residency:
     (3, OffloadConfig(optimizer=CPUOffload(), param=CPUOffload())),
 ], ids=["s1", "s2", "s3", "s2-cpu-opt", "s3-cpu-opt", "s3-cpu-params"])
 def test_chunks_end_each_step_in_the_planned_state(stage, offload):
-    eng = _engine(stage, offload)
+    _check_steps_end_in_planned_state(_engine(stage, offload))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("param", ["device", "host"])
+def test_chunks_end_each_step_in_the_planned_state_gpu_host_optimizer(param):
+    """The H2D path (gather.py, _gather_from_host): bf16 compute, copies on the memory owner's stream."""
+    offload = OffloadConfig(optimizer=CPUOffload(), param=CPUOffload() if param == "host" else NoOffload())
+    _check_steps_end_in_planned_state(_engine(3, offload, device="cuda", compute="bf16"))
+
+
+def _check_steps_end_in_planned_state(eng):
+    stage = eng.cfg.stage
     try:
         params_on_device = [tier == "gpu" for _, tier in eng.plan.placement]
         assert [c.compute_shard is not None for c in eng.chunks] == params_on_device
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
-            x, y = torch.randint(0, 16, (2, 5), generator=g), torch.randint(0, 16, (2, 5), generator=g)
+            x, y = (torch.randint(0, 16, (2, 5), generator=g).to(eng.device) for _ in range(2))
             eng.begin_step(1e-2)
             eng.forward_begin()
             eng.backward(eng.model(x, y))
@@ -124,5 +136,38 @@ def test_chunks_end_each_step_in_the_planned_state(stage, offload):
                 assert c.inflight is None
                 if c.state is not R.GATHERED:
                     assert c.full.untyped_storage().size() == 0 and all(is_guarded(p) for p in c.params)
+    finally:
+        eng.close()
+
+
+def _attributes(eng) -> dict[str, set[str]]:
+    parts = {"engine": eng, "gatherer": eng.gatherer, "hooks": eng.hooks, "reducer": eng.reducer,
+             "stepper": eng.stepper, "state": eng.state, "full_model": eng.full_model, "guard": eng.guard}
+    parts.update({f"group{g.index}": g for g in eng.groups})
+    parts.update({f"chunk{c.spec.index}": c for c in eng.chunks})
+    return {name: set(vars(obj)) for name, obj in parts.items()}
+
+
+def test_engine_is_composed_and_its_parts_create_no_attributes_after_construction():
+    assert ZeroEngine.__mro__ == (ZeroEngine, object)  # composition, no mixins
+    eng = _engine(3, OffloadConfig(optimizer=CPUOffload()))
+    try:
+        built = _attributes(eng)
+        x, y = torch.randint(0, 16, (2, 5)), torch.randint(0, 16, (2, 5))
+        eng.begin_step(1e-2)
+        eng.forward_begin()
+        eng.backward(eng.model(x, y))
+        eng.step(1e-2)
+        segments = eng.state_segments()
+        assert segments
+        eng.load_extra_state(eng.extra_state())
+        with eng.gathered_parameters() as model, torch.no_grad():
+            model(x, y)
+        eng.unwrap()
+        eng.forward_begin()  # binds the parameters back
+        with torch.no_grad():
+            eng.model(x, y)
+        eng.forward_end_eval()
+        assert _attributes(eng) == built
     finally:
         eng.close()

@@ -55,6 +55,10 @@ class Cluster:
         for k in [k for k in self.env if k.startswith(("SLURM_", "PMI_", "MPIR_"))]:
             if k != "SLURM_CONF":
                 del self.env[k]
+        # The `mpich` wheel speaks PMI-1 to Slurm's pmi2 plugin; its default UCX netmod puts
+        # business cards long enough to be split, and slurmstepd then rejects the request
+        # ("value not properly terminated") in about one job of three.  OFI over TCP keeps them short.
+        self.env.update(MPIR_CVAR_CH4_NETMOD="ofi", FI_PROVIDER="tcp")
 
     def run(self, *cmd, check=True):
         return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=60, check=check)

@@ -135,7 +135,8 @@ class MemoryOwner:
         ``h2d`` stream, where the engine allocates them."""
         if self.arena is not None:
             raise RuntimeError("the GPU chunk arena was already built for this engine")
-        self.arena = ChunkArena(plan, self.device, self.stream("h2d"), rank)
+        h2d = self.stream("h2d") if any(c.stream == "h2d" for c in plan.classes) else None  # only when used
+        self.arena = ChunkArena(plan, self.device, h2d, rank)
         return self.arena
 
     def close(self) -> None:

@@ -39,8 +39,6 @@ parameters to the GPU.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from tierlift.layout import Chunk

@@ -6,9 +6,11 @@ their buffers come from.  One ``Gatherer`` per engine, shared by its groups
 Sync points (GPU): all-gathers are issued async from the current (compute) stream,
 so NCCL's stream waits only for work enqueued before the issue (prefetches issued
 before a unit's compute overlap it); ``work.wait()`` makes the compute stream wait,
-never the host.  With the optimizer on the host, a gather starts on the engine's
-H2D stream: the host master is copied in and cast there, then all-gathered from
-that stream; the chunk's ``ready`` event makes the compute stream wait.  On CPU
+never the host.  With the optimizer on the host, a gather starts on the memory
+owner's H2D stream (``offload/memory.py``): an ON_HOST chunk's host master is copied
+in and cast there, then all-gathered from that stream; the ``ready`` event in the
+chunk's ``InFlight`` makes the compute stream wait.  A host optimizer step still
+running blocks the host in ``wait_chunk`` (counted in ``host_wait_s``).  On CPU
 (gloo) the same code runs with gloo's background threads.
 
 Allocation: a stage-3 chunk keeps one storage object for the whole run, resized to

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -302,11 +301,9 @@ class ZeroEngine:
     def unwrapped(self) -> bool:
         return self.full_model.unwrapped
 
-    @contextlib.contextmanager
-    def gathered_parameters(self) -> Iterator[nn.Module]:
+    def gathered_parameters(self) -> contextlib.AbstractContextManager[nn.Module]:
         """Every unit gathered in place for the body (all ranks enter); resharded on exit."""
-        with self.full_model.gathered_parameters() as model:
-            yield model
+        return self.full_model.gathered_parameters()
 
     def unwrap(self, rank0_only: bool = False, device: torch.device | str | None = None) -> nn.Module:
         return self.full_model.unwrap(rank0_only, device)

@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any
 
-from tierlift.errors import CheckpointError
+from tierlift.errors import CheckpointError, ConfigError
 from tierlift.models import build_model
 from tierlift.runtime.checkpoint import latest_checkpoint
 from tierlift.runtime.config import TrainConfig
@@ -39,7 +39,12 @@ def run_training(cfg_dict: dict[str, Any], run_dir: str, resume: bool = False,
     if trainer.rank == 0 and run_dir:
         # Only now, with the run accepted: a refused --resume leaves the old config.yaml.
         # trainer.cfg: batch sizes derived from the world size filled in (mpi: known only here).
-        write_text_atomic(os.path.join(run_dir, "config.yaml"), trainer.cfg.to_yaml())
+        path = os.path.join(run_dir, "config.yaml")
+        try:
+            write_text_atomic(path, trainer.cfg.to_yaml())
+        except OSError as exc:  # the peers stop quietly at their next collective (launch/worker.py)
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}.", setting="--run-dir", value=run_dir,
+                              fix="free space there, or give a writable run directory.") from None
     summary = trainer.fit(max_steps=max_steps)
     if trainer.rank == 0 and summary.losses:
         log.info("done: %d steps, loss %.4f -> %.4f, %.0f tokens/s", summary.steps, summary.losses[0],
