@@ -128,9 +128,17 @@ def test_refused_resume_changes_nothing_in_run_dir(tmp_path, trained):
 
 
 RANK_SAYS = """
-import os, sys
+import os, sys, time
 for i in range(50):
     print("line", i, "of rank", os.environ["RANK"])
+sys.stdout.flush()
+# Both ranks have printed before either fails: the launcher stops the survivors of a
+# failed rank, and on a loaded machine the second rank may not have started yet.
+open(os.path.join(os.path.dirname(__file__), "printed-" + os.environ["RANK"]), "w").close()
+deadline = time.time() + 60
+while time.time() < deadline and not all(
+        os.path.exists(os.path.join(os.path.dirname(__file__), "printed-%d" % r)) for r in range(2)):
+    time.sleep(0.05)
 print("tierlift: error: [rank %s] the rank's own clear error" % os.environ["RANK"], file=sys.stderr)
 sys.exit(2)
 """

@@ -41,7 +41,7 @@ def fake_debian(tmp_path):
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "STATE": str(tmp_path / "installed"),
            "LOG": str(tmp_path / "apt.log")}
-    (tmp_path / "installed").write_text("fonts-dejavu-core\n")
+    (tmp_path / "installed").write_text("fonts-dejavu-core\nslurm-wlm\nmunge\n")
     return env, tmp_path
 
 

@@ -191,7 +191,7 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
     assert m and m.group(1), f"the probe did not run:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     result = json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
     assert result["errors"] == []
-    assert len(result["images"]) == n_imgs == 6
+    assert len(result["images"]) == n_imgs == 7
     bad = [alt for alt, complete, width in result["images"] if not (complete and width > 0)]
     assert not bad, f"images the browser could not decode: {bad}"
     console = [line for line in p.stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]

@@ -147,32 +147,24 @@ class ActivationExecutor:
             return orig(*args, **kwargs)
 
     def _timed_contexts(self):
-        clock = Clock(self.swap.memory)
-        self._timers.append(("recompute", clock))
-
-        @contextlib.contextmanager
-        def timed():
-            clock.start()
-            try:
-                yield
-            finally:
-                clock.stop()
-        return contextlib.nullcontext(), timed()
+        """checkpoint's (forward, recompute) contexts for ``recompute``: the recompute timed."""
+        return contextlib.nullcontext(), self._timed_recompute(contextlib.nullcontext())
 
     def _selective_contexts(self):
+        """The same for ``selective``: torch's caching contexts, the recompute timed."""
         fwd, rec = create_selective_checkpoint_contexts(selective_policy)
+        return fwd, self._timed_recompute(rec)
+
+    @contextlib.contextmanager
+    def _timed_recompute(self, inner):
         clock = Clock(self.swap.memory)
         self._timers.append(("recompute", clock))
-
-        @contextlib.contextmanager
-        def timed():
-            clock.start()
-            try:
-                with rec:
-                    yield
-            finally:
-                clock.stop()
-        return fwd, timed()
+        clock.start()
+        try:
+            with inner:
+                yield
+        finally:
+            clock.stop()
 
     def _profile_forward(self, u: _UnitState, orig: Callable, args: tuple, kwargs: dict):
         mode = ProfileMode()

@@ -58,6 +58,20 @@ class RunLogHandler(logging.FileHandler):
             pass
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives.  Logging is set up once
+    per process, and a caller may replace stderr afterwards (pytest's capture, a notebook,
+    a launcher's tee): a handler holding the old stream would write to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(run_dir: str | None, rank: int) -> None:
     """rank 0 logs INFO to the console and to run_dir/train.log; other ranks warn only."""
     root = logging.getLogger("tierlift")
@@ -74,7 +88,7 @@ def setup_logging(run_dir: str | None, rank: int) -> None:
         fh = RunLogHandler(os.path.join(run_dir, "train.log"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
-    sh = logging.StreamHandler(sys.stderr)
+    sh = _ConsoleHandler()
     sh.setFormatter(console_fmt)
     sh.setLevel(logging.WARNING)  # the progress bar carries the per-step numbers on the console
     root.addHandler(sh)

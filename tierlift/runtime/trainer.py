@@ -236,10 +236,12 @@ class Trainer:
                     log.info("step %d/%d loss %.5f lr %.3g grad_norm %.3f %.0f tok/s", self.step, total, m["loss"],
                              m["lr"], m["grad_norm"], tps)
                 if self.run_dir and t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    # Rows first: a committed checkpoint then always has its steps' metrics on disk,
+                    # even when the job is killed (a Slurm requeue) right after the commit.
+                    metrics.flush()
                     t_ck = time.perf_counter()
                     last_saved = self.save_to_run()
                     tele.event("checkpoint", value=time.perf_counter() - t_ck)
-                    metrics.flush()
             if self.run_dir and last_saved != self.step and summary.losses:
                 t_ck = time.perf_counter()
                 self.save_to_run()
