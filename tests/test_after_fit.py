@@ -135,6 +135,8 @@ def test_two_ranks_unwrap_gives_full_model_save_pretrained_and_generate(tmp_path
 
 
 def _partial():
+    import tempfile
+
     import torch.distributed as dist
 
     from tierlift.parallel.rendezvous import RanksAbsentError
@@ -145,9 +147,11 @@ def _partial():
     batch = arith_samples(2, seed=9)[0]
     batch = {k: v[None] for k, v in batch.items()}
     res = {}
+    tmp = tempfile.mkdtemp()
     if rank == 0:  # the usual mistakes: eval, gathered_parameters, full_state_dict on rank 0 alone
         calls = {"forward": lambda: model(**batch), "gathered": trainer.gathered_parameters().__enter__,
-                 "state": trainer.full_state_dict, "evaluate": lambda: trainer.evaluate(1)}
+                 "state": trainer.full_state_dict, "evaluate": lambda: trainer.evaluate(1),
+                 "save": lambda: trainer.save(os.path.join(tmp, "alone"))}
         for name, call in calls.items():
             try:
                 call()
@@ -172,7 +176,7 @@ def _partial():
 @pytest.mark.timeout(240)  # before the rendezvous check this hung in the all-gather
 def test_forward_on_some_ranks_fails_fast_and_the_job_goes_on():
     r = run_ranks(_partial, 2)
-    for key in ("forward", "gathered", "state", "evaluate"):
+    for key in ("forward", "gathered", "state", "evaluate", "save"):
         assert "only 1 of 2 ranks" in r[key] and "zero.rendezvous_timeout_s" in r[key], r[key]
         assert "unwrap_model(rank0_only=True)" in r[key] and "\n" not in r[key]
     assert "a forward of unit '" in r["forward"]

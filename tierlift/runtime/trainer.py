@@ -328,7 +328,9 @@ class Trainer:
                 "world_size": self.world_size, "config": self.cfg.to_dict()}
 
     def save(self, path: str) -> str:
-        """Write a sharded, atomic checkpoint to ``path`` (all ranks call this)."""
+        """Write a sharded, atomic checkpoint to ``path`` (all ranks call this; a call on some
+        ranks only fails after ``zero.rendezvous_timeout_s`` instead of hanging)."""
+        self.engine.rendezvous.check("save", "trainer.save()")  # one store round trip per checkpoint
         rng = {"cpu_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
