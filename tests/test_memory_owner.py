@@ -18,21 +18,9 @@ from tierlift.offload.policy import CPUOffload, OffloadConfig
 from tierlift.parallel.config import OptimizerConfig, PrecisionConfig, ZeroConfig
 from tierlift.parallel.zero import ZeroEngine
 
+from _fakes import FakeEvent
+
 PKG = pathlib.Path(__file__).resolve().parent.parent / "tierlift"
-
-
-class _Event:
-    """Stands in for a CUDA event: completes when ``done`` is set."""
-
-    def __init__(self, done: bool = False):
-        self.done, self.waited = done, 0
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.waited += 1
-        self.done = True
 
 
 def test_cpu_owner_hands_out_no_streams_no_events_and_aligned_pageable_buffers():
@@ -51,13 +39,13 @@ def test_cpu_owner_hands_out_no_streams_no_events_and_aligned_pageable_buffers()
 
 
 def test_guarded_buffer_is_free_only_once_its_event_completed():
-    ev = _Event()
+    ev = FakeEvent()
     g = Guarded(torch.zeros(4), ev)
     assert not g.ready()
     g.wait()
-    assert ev.waited == 1 and g.event is None and g.ready()
+    assert ev.synced == 1 and g.event is None and g.ready()
     g.wait()  # nothing in flight: no second wait
-    assert ev.waited == 1
+    assert ev.synced == 1
 
 
 class _File:
@@ -88,7 +76,7 @@ def test_param_slots_read_ahead_skips_slots_whose_copy_out_is_in_flight():
     store = _Store(PARAM_SLOTS + 1, 8)
     slots = ParamSlots(store, torch.float32, MemoryOwner("cpu").host_buffers)
     slots.ensure(8)
-    pending = [_Event() for _ in range(PARAM_SLOTS)]
+    pending = [FakeEvent() for _ in range(PARAM_SLOTS)]
     for i in range(PARAM_SLOTS):  # every slot handed out ...
         assert torch.equal(slots.read(i, 8), torch.full((8,), float(i)))
     for i, ev in enumerate(pending):  # ... and copied out, the copies still in flight

@@ -70,20 +70,26 @@ def resolve_loop(loop: LoopConfig, world_size: int) -> tuple[LoopConfig, list[st
         gas = 1  # DeepSpeed's rule when only train_batch_size is given
         lines.append("config: train.grad_accum_steps (DeepSpeed gradient_accumulation_steps) -> 1 "
                      "(no micro-batch or accumulation given: one micro-batch per step, as DeepSpeed does)")
+    # The one count not given is the global batch over the other and the ranks.
     if not mbs:
-        mbs, rest = divmod(gbs, gas * world_size)
-        check(rest == 0 and mbs >= 1, "train.global_batch_size", gbs,
-              f"is not a multiple of grad_accum_steps {gas} x {world_size} ranks = {gas * world_size}, so no "
-              "micro-batch size fits (DeepSpeed: train_batch_size = micro-batch x accumulation x ranks).",
-              f"give a global batch divisible by {gas * world_size}, or set the micro-batch size.")
-        lines.append(f"config: train.micro_batch_size (DeepSpeed train_micro_batch_size_per_gpu) -> {mbs} "
-                     f"= global batch {gbs} / (accumulation {gas} x {world_size} ranks)")
+        mbs, line = _derive(gbs, gas, world_size, "micro_batch_size", "train_micro_batch_size_per_gpu",
+                            "grad_accum_steps", "accumulation")
     else:
-        gas, rest = divmod(gbs, mbs * world_size)
-        check(rest == 0 and gas >= 1, "train.global_batch_size", gbs,
-              f"is not a multiple of micro_batch_size {mbs} x {world_size} ranks = {mbs * world_size}, so no "
-              "accumulation count fits (DeepSpeed: train_batch_size = micro-batch x accumulation x ranks).",
-              f"give a global batch divisible by {mbs * world_size}, or set the accumulation steps.")
-        lines.append(f"config: train.grad_accum_steps (DeepSpeed gradient_accumulation_steps) -> {gas} "
-                     f"= global batch {gbs} / (micro-batch {mbs} x {world_size} ranks)")
+        gas, line = _derive(gbs, mbs, world_size, "grad_accum_steps", "gradient_accumulation_steps",
+                            "micro_batch_size", "micro-batch")
+    lines.append(line)
     return dataclasses.replace(loop, micro_batch_size=mbs, grad_accum_steps=gas), lines
+
+
+def _derive(gbs: int, given: int, world_size: int, name: str, ds_name: str, given_name: str,
+            given_words: str) -> tuple[int, str]:
+    """``gbs / (given x world_size)`` for ``train.<name>``, and the line saying so; a
+    ConfigError when it does not divide."""
+    value, rest = divmod(gbs, given * world_size)
+    per = given * world_size
+    check(rest == 0 and value >= 1, "train.global_batch_size", gbs,
+          f"is not a multiple of {given_name} {given} x {world_size} ranks = {per}, so no {name} fits "
+          "(DeepSpeed: train_batch_size = micro-batch x accumulation x ranks).",
+          f"give a global batch divisible by {per}, or set train.{name}.")
+    return value, (f"config: train.{name} (DeepSpeed {ds_name}) -> {value} "
+                   f"= global batch {gbs} / ({given_words} {given} x {world_size} ranks)")
