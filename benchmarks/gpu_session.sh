@@ -194,6 +194,8 @@ if has act; then  # issue 13: long context, tierlift's activation plan vs FSDP2 
         [ "$mode" = auto ] && extra+=(--tl-config '{"train": {"activations": {"policy": "auto"}}}')
         [ "$cap" != 0 ] && extra+=(--gpu-mem-gib "$cap")
         echo "=== stage act: $sys $mode cap=$cap seq=$seq ($(left) s left)"
+        # Every system gets the allocator setting tierlift's launcher gives its ranks (fair).
+        PYTORCH_CUDA_ALLOC_CONF="${ACT_ALLOC_CONF:-expandable_segments:True}" \
         python3 benchmarks/bench_zero.py --gpus 1 --systems "$sys" --model l1b --steps "${ACT_STEPS:-6}" --warmup 2 \
             --mbs 1 --seq "$seq" --timeout 200 --budget "$(( $(left) - 20 ))" --min-run-s 50 "${extra[@]}" \
             --out "$OUT/act_${sys}_${mode}_${cap}_${seq}.json" --logdir "/tmp/act_logs/$sys-$mode-$cap-$seq" \
@@ -204,6 +206,13 @@ fi
 if has ab; then  # issue 11: this tree vs AB_PREV (another commit's tierlift/ and benchmarks/), L1B, alternating
     prev="$PWD/${AB_PREV:-.device/prev}"
     [ -d "$prev/tierlift" ] || echo "ab: no tree at $prev (carry it)"
+    # A discarded first run: the first L1B process on a fresh machine ran 1.4-1.5x slower than
+    # every later one (H200, 2026-12-04: 0.636 s vs 0.419-0.457 s for five trees in a row), which
+    # once read as a 1.39x regression of whichever tree went first.
+    echo "=== stage ab: warm-up run, discarded ($(left) s left)"
+    python3 benchmarks/bench_zero.py --gpus 1 --systems tierlift --model l1b --steps 4 --warmup 1 --offload cpu \
+        --timeout 120 --budget "$(( $(left) - 20 ))" --min-run-s 30 --out /tmp/ab_warmup.json \
+        --logdir /tmp/ab_logs/warmup 2>&1 | grep -E "^\[bench_zero\] (tierlift|skip)" | head -2
     for rep in $(seq 1 "${AB_REPEATS:-2}"); do
         for off in ${AB_OFFLOAD:-none cpu}; do
             trees="new prev"; [ $(( rep % 2 )) = 0 ] && trees="prev new"

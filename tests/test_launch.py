@@ -213,3 +213,11 @@ def test_cli_launch_local_runs_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"[rank 1] R 1 2 {tmp_path / 'run'}" in proc.stdout
     assert (tmp_path / "run" / "logs" / "rank-0.log").read_text().startswith("R 0 2")
+
+
+def test_rank_env_asks_for_expandable_segments_unless_the_user_set_the_allocator():
+    from tierlift.launch.local import rank_env
+    env = rank_env(DistEnv(), nproc=1, base={"PATH": "/bin"})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    mine = rank_env(DistEnv(), nproc=1, base={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"})
+    assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

@@ -84,7 +84,7 @@ def _activation_plan(cfg, units, notes: list[str]):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         notes.append(f"activations: {path} is unreadable ({type(exc).__name__}: {exc}); ignored")
     if policy == "auto":
-        notes.append("activations: policy auto is planned from the first training step's measurements; "
+        notes.append("activations: policy auto is planned from the first two training steps' measurements; "
                      f"run it, then `tierlift plan` reads {path}")
         return None
     outer = [u.name for u in units if u.name]

@@ -170,6 +170,10 @@ def rank_env(dist_env: DistEnv, *, nproc: int, base: Mapping[str, str] | None = 
     # Like torchrun: N ranks sharing the cores must not each start a full-size
     # OpenMP pool (init_distributed also sets torch's intra-op threads).
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // dist_env.local_world_size)))
+    # Expandable segments keep the caching allocator's fragmentation near zero when
+    # activation sizes vary from unit to unit (long context: an OOM at seq 128k on an H200
+    # had 48.6 GiB reserved but unallocated).  A user's own setting wins.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if run_dir is not None:
         env["TIERLIFT_RUN_DIR"] = os.path.abspath(run_dir)
     env.pop(RANK_PREFIX_ENV, None)  # inherited from an outer launch: not this launcher's doing

@@ -21,15 +21,18 @@ matches); selective keeps the expensive ops' outputs (matmuls, attention) throug
 ``create_selective_checkpoint_contexts`` and recomputes the element-wise rest.
 
 Profiling (policy ``auto``): the first step runs every unit under recompute (the safe
-choice at any length) with a dispatch mode that times each unit's ops and sums the bytes
-their outputs take, split by op class: an upper bound of what autograd saves under keep,
-measured from the ops that ran, not estimated from widths.  Keep and swap units then
-count the bytes they really save every step, and the plan is remade when those differ
-from the profile by more than ``replan_tolerance``.
+choice at any length) with a dispatch mode that sums the bytes their ops' outputs take,
+split by op class: an upper bound of what autograd saves under keep, measured from the
+ops that ran, not estimated from widths.  The second step runs every unit under recompute
+again and times each unit's recompute with events: a warm forward (the first step's times
+include cuBLAS autotuning, lazy initialisation and the dispatch mode's own Python, which
+made the predicted step 6x the measured one at seq 32k on an H200).  The plan is made
+after it.  Keep and swap units then count the bytes they really save every step, and the
+plan is remade when those differ from the profile by more than ``replan_tolerance``.
 
 Sync points: none in steady state (events only).  The profiling step synchronizes the
-device around each unit to time it; ``end_step`` reads timing events of earlier steps
-only once they have completed.
+device around each unit; the timing step synchronizes once at its end to read its events;
+otherwise ``end_step`` reads timing events of earlier steps only once they have completed.
 """
 
 from __future__ import annotations
@@ -91,8 +94,9 @@ class ActivationExecutor:
         self.profiles: list[UnitActivationProfile] | None = None
         self.plan: ActivationPlan | None = None
         self.profiling = False
+        self.timing = False  # the step after profiling: every unit recomputes, each timed warm
         self._prof: dict[int, dict] = {}
-        self._timers: list[tuple[str, Clock]] = []
+        self._timers: list[tuple[str, int, Clock]] = []  # (kind, unit index, clock)
         self.replans = 0
         self._room: float | None = None  # GPU bytes for activations (None: unlimited, a CPU run)
         self._reset_step()
@@ -126,6 +130,8 @@ class ActivationExecutor:
         return len(self.units)
 
     def decision(self, u: _UnitState) -> tuple[str, float]:
+        if self.timing:
+            return "recompute", 0.0
         if self.profiling or self.plan is None:
             return "profile", 0.0
         d = self.plan.decision(u.name)
@@ -137,28 +143,30 @@ class ActivationExecutor:
         if mode == "profile":
             return self._profile_forward(u, orig, args, kwargs)
         if mode == "recompute":
-            return checkpoint(orig, *args, use_reentrant=False, context_fn=self._timed_contexts, **kwargs)
+            return checkpoint(orig, *args, use_reentrant=False,
+                              context_fn=functools.partial(self._timed_contexts, u.index), **kwargs)
         if mode == "selective":
-            return checkpoint(orig, *args, use_reentrant=False, context_fn=self._selective_contexts, **kwargs)
+            return checkpoint(orig, *args, use_reentrant=False,
+                              context_fn=functools.partial(self._selective_contexts, u.index), **kwargs)
         u.prefetched = False  # this micro-batch's backward has not reached the unit yet
         u.param_ptrs = {p.untyped_storage().data_ptr() for p in u.module.parameters()}
         with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, u, frac),
                                                       functools.partial(self._unpack, u)):
             return orig(*args, **kwargs)
 
-    def _timed_contexts(self):
+    def _timed_contexts(self, unit: int):
         """checkpoint's (forward, recompute) contexts for ``recompute``: the recompute timed."""
-        return contextlib.nullcontext(), self._timed_recompute(contextlib.nullcontext())
+        return contextlib.nullcontext(), self._timed_recompute(contextlib.nullcontext(), unit)
 
-    def _selective_contexts(self):
+    def _selective_contexts(self, unit: int):
         """The same for ``selective``: torch's caching contexts, the recompute timed."""
         fwd, rec = create_selective_checkpoint_contexts(selective_policy)
-        return fwd, self._timed_recompute(rec)
+        return fwd, self._timed_recompute(rec, unit)
 
     @contextlib.contextmanager
-    def _timed_recompute(self, inner):
+    def _timed_recompute(self, inner, unit: int):
         clock = Clock(self.swap.memory)
-        self._timers.append(("recompute", clock))
+        self._timers.append(("recompute", unit, clock))
         clock.start()
         try:
             with inner:
@@ -265,22 +273,44 @@ class ActivationExecutor:
         """After the step's backward: this step's metrics; makes the plan after the profiling
         step and remakes it when measured bytes drift (the policy's decision, applied at this
         step boundary)."""
+        if self.timing and self.cuda:
+            torch.cuda.synchronize(self.device)  # once: every recompute of the timed step resolves
         done, pending = [], []
-        for kind, c in self._timers:
-            (done if c.done() else pending).append((kind, c))
+        for timer in self._timers:
+            (done if timer[2].done() else pending).append(timer)
         self._timers = pending
         metrics = dict(self.step)
-        metrics["act_recompute_ms"] = sum(c.seconds() for _, c in done) * 1e3
+        metrics["act_recompute_ms"] = sum(c.seconds() for _, _, c in done) * 1e3
         if self.profiling:
             # The room for activations is measured once, in the step that kept almost none.
             self._room = gpu_free_bytes if gpu_free_bytes is not None or not self.cuda else self._gpu_room()
             self.profiling = False
             self.profiles = [self._profile_of(u) for u in self.units]
+            self.timing = True
+        elif self.timing:
+            self.timing = False
+            self.profiles = self._timed_profiles(done)
             self._make_plan(self._room)
         elif self.cfg.policy == "auto" and self.plan is not None:
             self._check_drift(self._room)
         self._reset_step()
         return metrics
+
+    def _timed_profiles(self, done: list[tuple[str, int, Clock]]) -> list[UnitActivationProfile]:
+        """The profiles with each unit's forward time replaced by its warm recompute time of
+        the timing step (summed over micro-batches, as the profile's bytes are); selective
+        recompute keeps its share of the forward."""
+        spent: dict[int, float] = {}
+        for _, unit, c in done:
+            spent[unit] = spent.get(unit, 0.0) + c.seconds()
+        out = []
+        for u, p in zip(self.units, self.profiles):
+            t = spent.get(u.index)
+            if t is None or p.forward_s <= 0:
+                out.append(p)
+                continue
+            out.append(replace(p, forward_s=t, selective_s=p.selective_s * t / p.forward_s))
+        return out
 
     def _gpu_room(self) -> float:
         """Bytes the device can give activations: its memory (under a per-process cap, as
