@@ -10,14 +10,13 @@ derived from the run.  Every decision is one line on the walk's ``choices``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from tierlift.runtime.deepspeed_walk import Walk
 from tierlift.runtime.loop_config import LoopConfig
 
-if TYPE_CHECKING:
-    from tierlift.runtime.deepspeed_compat import Walk
 
 __all__ = ["map_batch_sizes", "auto_precision"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from tierlift._configbase import from_dict, nearest
 from tierlift.errors import ConfigError
@@ -18,10 +18,9 @@ from tierlift.offload.policy import AioConfig
 from tierlift.parallel.config import OptimizerConfig, ZeroConfig
 from tierlift.runtime import deepspeed_keys as K
 from tierlift.runtime.deepspeed_auto import auto_precision
+from tierlift.runtime.deepspeed_walk import Walk
 from tierlift.runtime.schedule import SchedulerConfig
 
-if TYPE_CHECKING:
-    from tierlift.runtime.deepspeed_compat import Walk
 
 __all__ = ["collect_errors", "map_optimizer", "map_scheduler", "map_precision", "map_aio",
            "map_zero", "map_activations"]
