@@ -51,6 +51,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=1024),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=176, vocab_size=1024, max_position_embeddings=1024),
+    # Issue 14's Qwen3-MoE shape (transformers' Qwen3MoeForCausalLM): 64 experts, top-8, hidden 1536,
+    # expert intermediate 512, 16 layers, every layer sparse; 2.61 B params with a 32000 vocabulary.
+    "qwen3moe": dict(arch="qwen3_moe", hidden_size=1536, num_hidden_layers=16, num_attention_heads=12,
+                     num_key_value_heads=4, head_dim=128, moe_intermediate_size=512, intermediate_size=4096,
+                     num_experts=64, num_experts_per_tok=8, decoder_sparse_step=1, norm_topk_prob=True,
+                     vocab_size=32000, max_position_embeddings=1024),
+    "tiny-qwen3moe": dict(arch="qwen3_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, intermediate_size=128,
+                          num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True,
+                          vocab_size=1024, max_position_embeddings=1024),
 }
 
 DEFAULT_SEED = 1234
@@ -75,27 +85,30 @@ def model_preset(name: str) -> dict[str, Any]:
 
 
 def model_config(name: str, seq: int):
-    from transformers import LlamaConfig
+    import transformers
 
     kw = dict(model_preset(name))
+    arch = kw.pop("arch", "llama")
     # A longer --seq than the preset's table would silently index past RoPE's cache.
     kw["max_position_embeddings"] = max(kw["max_position_embeddings"], seq)
-    return LlamaConfig(**kw, attn_implementation="sdpa", use_cache=False)
+    cls = {"llama": transformers.LlamaConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[arch]
+    return cls(**kw, attn_implementation="sdpa", use_cache=False)
 
 
 def build_model(name: str, seq: int, seed: int = DEFAULT_SEED):
-    """fp32 LlamaForCausalLM on the CPU, initialised from ``seed``.
+    """The preset's fp32 causal LM (LlamaForCausalLM, or Qwen3MoeForCausalLM for the MoE
+    presets) on the CPU, initialised from ``seed``.
 
     Built on the CPU (not on a GPU, not on meta) because that is the one place
     every system accepts it and where the RNG stream is device-independent:
     identical weights in tierlift, DeepSpeed and FSDP2 on any machine.
     """
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cfg = model_config(name, seq)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
     model.train()
     return model
 

@@ -25,6 +25,8 @@
 #   ab      this tree vs another commit's (AB_PREV, default .device/prev: `git archive OLD tierlift
 #           benchmarks | tar -x -C .device/prev`, carried), L1B none/cpu, AB_REPEATS alternating
 #           -> $OUT/ab_perf.md (set AB_PREV_COMMIT and TL_COMMIT in the command: no .git there)
+#   moe     issue 14: Qwen3-MoE shape (benchmarks preset qwen3moe), MOE_RUNS ("system:offload ..."),
+#           and the host AdamW floor over its parameter count (bench_host_adam.py) -> $OUT/moe_*.json
 #   verify  L1B, optimizer on NVMe, offload.optimizer.verify on vs off (VERIFY_REPEATS, default 2,
 #           alternating) -> $OUT/nvme_verify.md (benchmarks/bench_nvme_verify.py)
 # TOTAL_S (default 580) bounds the whole call.  At the end every file but the *.md summaries
@@ -228,6 +230,20 @@ if has ab; then  # issue 11: this tree vs AB_PREV (another commit's tierlift/ an
         done
     done
     python3 benchmarks/ab_report.py "$OUT" || true
+fi
+if has moe; then  # issue 14: Qwen3-MoE shape, params + optimizer on CPU, tierlift vs DeepSpeed ZeRO-3, and
+    # tierlift without offload; the host-step floor (torch's fused CPU AdamW over the same parameter count)
+    for spec in ${MOE_RUNS:-tierlift:cpu deepspeed:cpu tierlift:none}; do
+        IFS=: read -r sys off <<< "$spec"
+        echo "=== stage moe: $sys offload $off ($(left) s left)"
+        python3 benchmarks/bench_zero.py --gpus 1 --systems "$sys" --model qwen3moe --steps "${MOE_STEPS:-6}" --warmup 2 \
+            --offload "$off" --timeout 240 --budget "$(( $(left) - 20 ))" --min-run-s 60 \
+            --out "$OUT/moe_${sys}_${off}.json" --logdir "/tmp/moe_logs/$sys-$off" 2>&1 | grep -E "^\[bench_zero\] ($sys|skip)" | head -3
+    done
+    if [ -f benchmarks/bench_host_adam.py ]; then
+        echo "=== stage moe: host AdamW floor, 2.61e9 params ($(left) s left)"
+        timeout 200 python3 benchmarks/bench_host_adam.py --params 2616514048 --out "$OUT/moe_host_adam.json" 2>&1 | tail -6
+    fi
 fi
 if has verify; then  # issue 17: the cost of checking NVMe reads against their crc32, one session, side by side
     echo "=== stage verify: L1B on NVMe, verification on vs off ($(left) s left)"
