@@ -110,3 +110,14 @@ def test_export_loads_with_from_pretrained_and_generates_the_same_tokens(name, t
                            hf_config=AutoConfig.for_model(**MODELS[name]))
         again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "api"))
         assert torch.equal(_greedy(again), want)
+        # the same from the command line: --hf-config names a dir with the model's config.json
+        cfg_dir = tmp_path / "hfcfg"
+        AutoConfig.for_model(**MODELS[name]).save_pretrained(str(cfg_dir))
+        assert main(["export", str(ckpt), "--out", str(tmp_path / "cli"), "--hf-config", str(cfg_dir)]) == 0
+        cli = AutoModelForCausalLM.from_pretrained(str(tmp_path / "cli"))
+        assert torch.equal(_greedy(cli), want)
+        capsys.readouterr()
+        assert main(["export", str(ckpt), "--out", str(tmp_path / "bad"), "--hf-config", str(tmp_path / "nope")]) == 2
+        err = capsys.readouterr().err
+        assert "--hf-config" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()

@@ -216,9 +216,20 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from tierlift.runtime.export import export_safetensors, export_source
 
+    hf_config = None
+    if args.hf_config:  # a model the run's config.yaml does not describe (a Trainer-API run of a user's HF model)
+        from tierlift.errors import ConfigError
+        from tierlift.models.config import ModelConfig
+        from tierlift.models.hf import load_hf_config
+        try:
+            hf_config = load_hf_config(ModelConfig(kind="hf", hf_path=args.hf_config))
+        except ConfigError as e:
+            raise ConfigError(e.message, setting="--hf-config", value=args.hf_config,
+                              fix="name a local directory holding the trained model's Hugging Face config.json "
+                                  "(e.g. one written by model.config.save_pretrained(DIR)).") from None
     ckpt, step = export_source(args.path)  # export exactly this one, even if a newer one lands meanwhile
     files = export_safetensors(ckpt, args.out, dtype=args.dtype, show_progress=sys.stderr.isatty(),
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, hf_config=hf_config)
     print(f"exported step {step if step is not None else '?'} ({ckpt}): wrote {len(files)} file(s) to {args.out}")
     return 0
 
@@ -298,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--hf-config", metavar="DIR", default=None,
+                   help="a local dir with the Hugging Face config.json of the trained model (for runs whose "
+                        "config.yaml does not name it, e.g. a Trainer-API run of your own HF model): the export "
+                        "then loads with from_pretrained")
     e.set_defaults(handler=_cmd_export)
 
     # Node and planning commands live in their own modules (tierlift/launch/cmd_*.py);
