@@ -121,7 +121,7 @@ def _check_steps_end_in_planned_state(eng):
     stage = eng.cfg.stage
     try:
         params_on_device = [tier == "gpu" for _, tier in eng.plan.placement]
-        assert [c.compute_shard is not None for c in eng.chunks] == params_on_device
+        assert [c.on_device for c in eng.chunks] == params_on_device
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x, y = (torch.randint(0, 16, (2, 5), generator=g).to(eng.device) for _ in range(2))

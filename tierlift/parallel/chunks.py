@@ -87,10 +87,15 @@ class RuntimeChunk:
             self.grad = None if host_optimizer else torch.zeros_like(self.master)
             self.full = flat.to(device=device, dtype=compute_dtype)
             del flat
-        if host_params:
-            self.compute_shard = None  # no device shard: the host's values are copied up for each gather
-        elif compute_dtype == torch.float32 and not host_optimizer:
-            self.compute_shard = self.master
+        # Where a gather reads this rank's compute-dtype shard from:
+        # - host_params: nowhere on the device; the host's values are copied up for each gather;
+        # - optimizer on the device: cast from the fp32 master at each gather (``cast_from_master``),
+        #   as FSDP2's mixed precision does, instead of a persistent compute-dtype copy (2 bytes
+        #   per shard element less; fp32 compute reads the master itself);
+        # - optimizer on the host: a device shard the host's new values are copied into.
+        self.cast_from_master = not host_optimizer and not host_params
+        if host_params or self.cast_from_master:
+            self.compute_shard = None
         else:
             self.compute_shard = self.master.to(device=device, dtype=compute_dtype)
         self.state = Residency.GATHERED  # the setup copy above holds the full parameters
@@ -102,7 +107,23 @@ class RuntimeChunk:
     @property
     def resting(self) -> Residency:
         """The state a reshard leaves the chunk in: its device shard when it has one."""
-        return Residency.ON_HOST if self.compute_shard is None else Residency.SHARDED
+        return Residency.SHARDED if self.on_device else Residency.ON_HOST
+
+    @property
+    def on_device(self) -> bool:
+        """This rank's current compute-dtype shard can be had on the device (a device shard,
+        or a cast of the device master) without the host."""
+        return self.compute_shard is not None or self.cast_from_master
+
+    def device_shard(self) -> torch.Tensor:
+        """This rank's compute-dtype shard on the device: the device shard, or a fresh cast of
+        the fp32 master (the caller holds it until every reader is done)."""
+        if self.compute_shard is not None:
+            return self.compute_shard
+        if not self.cast_from_master:
+            raise ResidencyError(f"chunk {self.spec.index} ({self.spec.unit!r}) has no device shard: its "
+                                 "parameters live on the host.")
+        return self.master.to(self.full.dtype)
 
     @property
     def is_sharded(self) -> bool:

@@ -116,6 +116,11 @@ class Gatherer:
         if self.h2d is not None:
             self._gather_from_host(c)
             return
+        if self.world_size == 1 and c.cast_from_master and c.state is Residency.SHARDED:
+            c.transition(Residency.GATHERING)
+            c.full.copy_(c.master)  # the cast straight into the gathered buffer
+            c.inflight = InFlight()
+            return
         shard = self._shard_for_gather(c)
         c.transition(Residency.GATHERING)
         if self.world_size == 1:
@@ -130,7 +135,7 @@ class Gatherer:
         wait for the chunk's host step and cast its new parameters (fp32 master or
         compute-dtype copy) into the device shard, or a copy made for this gather."""
         if c.state is Residency.SHARDED:
-            return c.compute_shard
+            return c.device_shard()
         c.transition(Residency.H2D_INFLIGHT)
         src = self._wait_host_step(c)
         if c.compute_shard is None:
@@ -235,7 +240,7 @@ class Gatherer:
         """debug_sync: this rank's slice of the gathered buffer is its own shard, and
         the gathered buffer is bit-identical across ranks (compared by checksum)."""
         lo, hi = c.spec.shard_range(self.rank)
-        if c.compute_shard is not None and not torch.equal(c.full[lo:hi], c.compute_shard):
+        if c.on_device and not torch.equal(c.full[lo:hi], c.device_shard()):
             raise RuntimeError(f"[rank {self.rank}] debug_sync: gathered chunk {c.spec.index} ({c.spec.unit!r}) "
                                f"does not hold this rank's shard at [{lo}, {hi}).")
         s = c.full.double().sum().reshape(1)

@@ -51,7 +51,7 @@ def actual_placement(engine) -> tuple[tuple[str, str], ...]:
     host optimizer serves them from."""
     host = engine.host_opt.placement() if engine.host_opt is not None else None
     return tuple((host[j][0] if host else "gpu",
-                  "gpu" if c.compute_shard is not None else (host[j][1] if host else "none"))
+                  "gpu" if c.on_device else (host[j][1] if host else "none"))
                  for j, c in enumerate(engine.chunks))
 
 

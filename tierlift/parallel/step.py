@@ -116,8 +116,8 @@ class OptimizerStep:
             self.hooks.reshard_gathered()
         keep = [c for c in self.chunks if self.stage < 3 or c.spec.persistent or c is self.root]
         if self.host_opt is None:
-            for c in self.chunks:
-                if c.compute_shard is not c.master:
+            for c in self.chunks:  # a device-stepped chunk's gathers cast from its master: nothing to copy
+                if c.compute_shard is not None and c.compute_shard is not c.master:
                     c.compute_shard.copy_(c.master)
             for c in keep:
                 if c.state is Residency.GATHERED:
