@@ -251,6 +251,28 @@ def test_reopen_existing_verifies_across_block_sizes(tmp_path):
     assert os.path.exists(f.path)  # a refused reopen leaves the kept file alone
 
 
+def test_checksums_are_crc32c_and_an_older_sidecar_is_refused(tmp_path):
+    import json
+
+    from tierlift.offload.nvme_integrity import ALGORITHM, checksum
+
+    assert ALGORITHM == "crc32c" and checksum(b"123456789") == 0xE3069283  # the CRC-32C check value
+    data = {k: _random_bytes(n, i) for i, (k, n) in enumerate(SIZES.items())}
+    with _open(tmp_path, 2, keep=True) as f:
+        for k, t in data.items():
+            f.write(k, t)
+    k0 = next(iter(SIZES))
+    granule, sums = f.checksum_of(k0)
+    assert sums[0] == checksum(memoryview(data[k0].numpy())[:min(granule, SIZES[k0])])
+    doc = json.loads(open(f.sidecar_path).read())
+    doc["format"] = "tierlift-extents/1"  # written by a release that kept zlib's crc32
+    open(f.sidecar_path, "w").write(json.dumps(doc))
+    with pytest.raises(NVMeError, match="tierlift-extents/2") as info:
+        _open(tmp_path, existing=True)
+    assert len(info.value.render().splitlines()) == 1
+    assert os.path.exists(f.path)
+
+
 def test_concurrent_different_extents(tmp_path):
     keys = [(i, kind) for i in range(6) for kind in ("param", "exp_avg", "exp_avg_sq")]
     plan = plan_extents([(k, 2 * BS + 100 * i) for i, k in enumerate(keys)])

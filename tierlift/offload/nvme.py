@@ -9,7 +9,7 @@ own pinned slots) and moves whole extents with ``write(key, tensor)`` /
 ``read(key, out)``, which return an :class:`IOHandle` to ``wait()`` on.
 
 Why plain ``pwrite``/``preadv`` threads (backend "threads"): the syscalls (and
-zlib.crc32) release the GIL, so blocking workers keep the device busy with no
+the CRC-32C of ``nvme_integrity.py``) release the GIL, so blocking workers keep the device busy with no
 compiled extension, no libaio and no JIT build of DeepSpeed's op.  A blocking
 call has exactly one request in flight, so the pool runs ``threads x
 queue_depth`` workers: the same device queue depth as DeepSpeed's handle with
@@ -26,9 +26,9 @@ which is checked on every call, buffered mode included, so code that works on
 tmpfs works on NVMe.  A buffer may hold just the item's ``nbytes``: the unaligned
 tail then goes through a small aligned bounce buffer.
 
-Integrity: a crc32 per block (``block_size`` bytes of payload) of every extent
-written, computed in the I/O threads, kept in memory and saved by ``flush()`` in
-a sidecar JSON; ``verify=True`` (what optimizer state uses unless
+Integrity (``nvme_integrity.ExtentChecksums``, composed here): a CRC-32C per block
+(``block_size`` bytes of payload) of every extent written, computed in the I/O threads,
+kept in memory and saved by ``flush()`` in a sidecar JSON; ``verify=True`` (what optimizer state uses unless
 ``offload.optimizer.verify: false``) checks every read against it on the same I/O
 thread that read the bytes, and a mismatch raises :class:`ChecksumError` from ``wait()``.
 """
@@ -43,16 +43,16 @@ import os
 import queue
 import threading
 import time
-import zlib
 from collections import deque
 from dataclasses import asdict
 from typing import Any, Hashable
 
 import torch
 
-from tierlift.offload.extents import IO_ALIGN, ExtentPlan, describe_extent
+from tierlift.offload.extents import IO_ALIGN, ExtentPlan
 from tierlift.offload.nvme_aio import LibaioBackend, load_deepspeed_aio
 from tierlift.offload.nvme_exit import stop_workers_at_exit
+from tierlift.offload.nvme_integrity import ExtentChecksums, checksum
 from tierlift.offload.nvme_io import FIX_DISK, ChecksumError, IOHandle, NVMeError, NVMeStats, aligned_empty
 from tierlift.offload.policy import AioConfig
 
@@ -61,7 +61,7 @@ __all__ = ["NVMeError", "ChecksumError", "NVMeStats", "IOHandle", "NVMeFile", "a
 
 log = logging.getLogger(__name__)
 
-_SIDECAR_FORMAT = "tierlift-extents/1"
+_SIDECAR_FORMAT = "tierlift-extents/2"  # 2: CRC-32C (1 held zlib's crc32)
 
 
 def extent_file_name(rank: int) -> str:
@@ -114,7 +114,7 @@ class NVMeFile(LibaioBackend):
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stats = NVMeStats()
-        self._crc: dict[Hashable, tuple[int, list[int]]] = {}  # key -> (granule bytes, crc32 per granule)
+        self.sums = ExtentChecksums(self.path, setting, path_dir, self._lock, self._stats)
         self._busy_keys: dict[Hashable, deque[IOHandle]] = {}  # key -> jobs waiting behind the running one
         self._pending = 0
         self._inflight = {"read": 0, "write": 0}
@@ -230,7 +230,12 @@ class NVMeFile(LibaioBackend):
         if not plan.same_layout(self.plan):
             raise NVMeError(f"{self.path} was written with a different extent plan.", setting=self.setting,
                             value=self.dir, fix="reopen it with the plan (items and align) it was written with.")
-        self._crc = {k: (int(v["granule"]), [int(c) for c in v["crc32"]]) for k, v in sums.items()}
+        try:
+            self.sums.load_sidecar(sums)
+        except (KeyError, TypeError, ValueError) as e:
+            raise NVMeError(f"the checksum sidecar {self.sidecar_path} has a malformed entry ({e!r}).",
+                            setting=self.setting, value=self.dir,
+                            fix="the extent file cannot be trusted; resume from a checkpoint.") from e
 
     # ------------------------------------------------------------- public API
     def write(self, key: Hashable, tensor: torch.Tensor) -> IOHandle:
@@ -256,7 +261,7 @@ class NVMeFile(LibaioBackend):
         self.wait_all()
         os.fsync(self._fd)  # O_DIRECT skips the cache, not the metadata of preallocated extents
         with self._lock:
-            sums = {k: {"granule": g, "crc32": c} for k, (g, c) in self._crc.items()}
+            sums = self.sums.to_sidecar()
         doc = {"format": _SIDECAR_FORMAT, "file": os.path.basename(self.path), "rank": self.rank,
                "plan": self.plan.to_json(sums)}
         tmp = self.sidecar_path + ".tmp"
@@ -297,9 +302,9 @@ class NVMeFile(LibaioBackend):
             return NVMeStats(**asdict(self._stats))
 
     def checksum_of(self, key: Hashable) -> tuple[int, list[int]] | None:
-        """(granule bytes, crc32 per granule) recorded for ``key``'s last successful write."""
+        """(granule bytes, CRC-32C per granule) recorded for ``key``'s last successful write."""
         with self._lock:
-            return self._crc.get(key)
+            return self.sums.get(key)
 
     # ------------------------------------------------------------ scheduling
     def _check_open(self) -> None:
@@ -358,10 +363,8 @@ class NVMeFile(LibaioBackend):
         with self._lock:
             s = self._stats
             if h.op == "write":
-                if h.error is None and self.checksum:
-                    self._crc[h.key] = (self.block_size, [int(c or 0) for c in h._crcs[:_granules(h)]])
-                else:  # a failed or unchecked write leaves no checksum to trust
-                    self._crc.pop(h.key, None)
+                ok = h.error is None and self.checksum  # a failed or unchecked write leaves nothing to trust
+                self.sums.record(h.key, self.block_size, h._crcs[:_granules(h)] if ok else None)
             s.errors += h.error is not None
             s.reads += h.op == "read" and h.error is None
             s.writes += h.op == "write" and h.error is None
@@ -378,34 +381,7 @@ class NVMeFile(LibaioBackend):
             self._start(nxt)
 
     def _verify(self, h: IOHandle) -> None:
-        stored = self._crc.get(h.key)
-        if stored is None:
-            raise ChecksumError(f"extent {h.key!r} of {self.path} has no checksum: it was never written "
-                                "(or its last write failed or ran without checksums).",
-                                fix="write the extent before reading it with verify=True.")
-        granule, want = stored
-        got = h._crcs[:_granules(h)] if granule == self.block_size else self._crcs(h._mv, h.nbytes, granule)
-        if len(got) != len(want):
-            raise ChecksumError(f"extent {h.key!r} of {self.path}: {len(want)} checksums stored for "
-                                f"{h.nbytes} bytes in {granule}-byte granules; the sidecar is inconsistent.",
-                                fix=FIX_DISK.format(setting=self.setting))
-        for i, (a, b) in enumerate(zip(got, want)):
-            if a != b:
-                lo = i * granule
-                hi = min(lo + granule, h.nbytes)
-                raise ChecksumError(
-                    f"checksum mismatch reading {self.path}, {describe_extent(h.extent)}: its bytes [{lo}, {hi}) "
-                    f"(file offset {h.extent.offset + lo}) read back with crc32 {a:#010x}, expected {b:#010x} as "
-                    "written; the data on disk is corrupt and was not used.", setting=self.setting, value=self.dir,
-                    fix=FIX_DISK.format(setting=self.setting) + " Then resume from the last checkpoint "
-                        "(its NVMe-resident state was verified when it was saved).")
-
-    def _crcs(self, mv: memoryview, nbytes: int, granule: int) -> list[int]:
-        t0 = time.perf_counter()
-        out = [zlib.crc32(mv[lo:min(lo + granule, nbytes)]) for lo in range(0, nbytes, granule)]
-        with self._lock:
-            self._stats.checksum_s += time.perf_counter() - t0
-        return out
+        self.sums.verify(h, h._crcs, self.block_size, _granules(h))
 
     def _io_begin(self, op: str) -> None:
         with self._lock:
@@ -474,9 +450,8 @@ class NVMeFile(LibaioBackend):
             self._io_end(h.op, n, hi - mid)
         if lo < h.nbytes and ((h.op == "write" and self.checksum) or h.verify):  # crc of this request's payload
             t0 = time.perf_counter()
-            h._crcs[i] = zlib.crc32(mv[lo:min(hi, h.nbytes)])
-            with self._lock:
-                self._stats.checksum_s += time.perf_counter() - t0
+            h._crcs[i] = checksum(mv[lo:min(hi, h.nbytes)])
+            self.sums.count_seconds(time.perf_counter() - t0)
         return bounce
 
     def _pwrite(self, view: memoryview, off: int, h: IOHandle) -> None:

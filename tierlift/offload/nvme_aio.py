@@ -8,13 +8,13 @@ waits for everything in flight) and checksums on a small thread pool."""
 from __future__ import annotations
 
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from tierlift.offload.extents import IO_ALIGN
+from tierlift.offload.nvme_integrity import checksum
 from tierlift.offload.nvme_io import FIX_DISK, NVMeError, aligned_empty
 
 __all__ = ["LibaioBackend", "load_deepspeed_aio"]
@@ -82,9 +82,8 @@ class LibaioBackend:
     def _crcs_parallel(self, pool: ThreadPoolExecutor, h) -> list[int]:
         g, mv = self.block_size, h._mv
         t0 = time.perf_counter()
-        out = list(pool.map(lambda lo: zlib.crc32(mv[lo:min(lo + g, h.nbytes)]), range(0, h.nbytes, g)))
-        with self._lock:
-            self._stats.checksum_s += time.perf_counter() - t0
+        out = list(pool.map(lambda lo: checksum(mv[lo:min(lo + g, h.nbytes)]), range(0, h.nbytes, g)))
+        self.sums.count_seconds(time.perf_counter() - t0)
         return out
 
 

@@ -54,7 +54,7 @@ class NVMeStats:
     read_busy_s: float = 0.0
     write_busy_s: float = 0.0
     busy_s: float = 0.0  # either direction
-    checksum_s: float = 0.0  # thread-seconds in crc32
+    checksum_s: float = 0.0  # thread-seconds in CRC-32C
 
     @property
     def read_gbps(self) -> float:

@@ -58,7 +58,7 @@ class NVMeStateStore:
         also keep every chunk's compute-dtype parameters here (extents ``(i, "param", lo)``),
         written with the state after each step and read by gathers; pieces must then
         start 4 KiB-aligned in that dtype too (``piece_numel`` a multiple of 4096 / itemsize).
-        ``verify``: every read is checked against the crc32 of its last write (on the I/O
+        ``verify``: every read is checked against the CRC-32C of its last write (on the I/O
         threads); a mismatch raises ``nvme.ChecksumError`` from the read's ``wait()``."""
 
         self.kinds = kinds

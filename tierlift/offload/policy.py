@@ -47,7 +47,7 @@ class AioConfig:
 
     block_size: int = 8 << 20
     queue_depth: int = 8
-    threads: int = 8  # reads, writes and their crc32 share these; 4 left reads waiting behind writes
+    threads: int = 8  # reads, writes and their CRC-32C share these; 4 left reads waiting behind writes
     backend: str = "threads"
     single_submit: bool = False
     overlap_events: bool = True
@@ -75,7 +75,7 @@ class NVMeOffload:
     buffer_size`` of host memory whatever the model size (0 = 16 Mi elements;
     rounded down to a multiple of 1024 so pieces start 4 KiB-aligned); max_in_cpu: elements whose state may stay in
     host memory before the rest goes to NVMe (0 = none); verify: check every read of the
-    extent file against the crc32 recorded when it was written (computed on the I/O
+    extent file against the CRC-32C recorded when it was written (computed on the I/O
     threads; a mismatch stops the run with an error naming file and extent);
     keep_files: leave the extent files (scratch: checkpoints hold the resumable state)
     in ``path`` when the process exits; by default they, and ``path`` itself when

@@ -167,7 +167,7 @@ def measure_disk(path: str, *, quick: bool = True, block_size: int = 8 << 20,
                  target_s: float | None = None) -> tuple[float, float, bool]:
     """(read GB/s, write GB/s, O_DIRECT used) through NVMeFile (threads backend) on a temp
     file in a fresh subdirectory of ``path`` (never touching a running job's extent file),
-    deleted afterwards.  Checksums off: this measures the disk, not zlib."""
+    deleted afterwards.  Checksums off: this measures the disk, not the checksum."""
     count, extent = _DISK_EXTENT[bool(quick)]
     target_s = _TARGET_S[bool(quick)] if target_s is None else target_s
     setting = "nvme_path"
